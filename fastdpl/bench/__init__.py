@@ -1,0 +1,1 @@
+"""Benchmarks of fastdpl that ship with the package (run by `fastdpl bench`)."""

@@ -1,0 +1,223 @@
+"""Benchmark of mixture_prefix_attention against its peers (fastdpl bench op).
+
+For each shape (the ViT-B/16 image tower and the text tower of DPL's supernet)
+and each provider it times the forward and the forward+backward, interleaved,
+and reports median / interquartile range, peak memory (CUDA), TFLOP/s, and the
+ratios to the reference loop and to the single-path floor. Results go to a JSON
+file (with device, versions, commit and time) and a printed table.
+
+FLOP count (the work of the problem, the same for every provider, so TFLOP/s
+compare): a single attention over the N original keys plus all P = sum(lengths)
+prompt keys, two matmuls of 2*N*keys*D each,
+
+    forward  = 4 * B * H * N * (N_vis + P) * D,   N_vis = N, or (N + 1) / 2 if causal
+    fwd+bwd  = 3.5 * forward  (the backward runs five such matmuls to the forward's two)
+"""
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from fastdpl.ops import mixture_prefix_attention, triton_available
+from . import peers
+from .timing import environment, peak_memory_mb, summarize, time_interleaved
+
+
+@dataclass(frozen=True)
+class OpShape:
+    name: str
+    batch: int
+    heads: int
+    n: int
+    head_dim: int
+    lengths: tuple
+    causal: bool
+
+    def forward_flops(self) -> float:
+        visible = (self.n + 1) / 2 if self.causal else self.n
+        return 4.0 * self.batch * self.heads * self.n * (visible + sum(self.lengths)) * self.head_dim
+
+
+DPL_LENGTHS = tuple(range(7))
+GPU_SHAPES = [
+    OpShape("image-b32", 32, 12, 197, 64, DPL_LENGTHS, False),
+    OpShape("image-b128", 128, 12, 197, 64, DPL_LENGTHS, False),
+    OpShape("text-100cls-n77", 100, 8, 77, 64, DPL_LENGTHS, True),
+    OpShape("text-100cls-n20", 100, 8, 20, 64, DPL_LENGTHS, True),
+    OpShape("text-1000cls-n77", 1000, 8, 77, 64, DPL_LENGTHS, True),
+    OpShape("text-1000cls-n20", 1000, 8, 20, 64, DPL_LENGTHS, True),
+]
+# The CPU runs the same towers at a reduced batch.
+CPU_SHAPES = [
+    OpShape("image-b8", 8, 12, 197, 64, DPL_LENGTHS, False),
+    OpShape("text-32cls-n77", 32, 8, 77, 64, DPL_LENGTHS, True),
+    OpShape("text-32cls-n20", 32, 8, 20, 64, DPL_LENGTHS, True),
+]
+SMOKE_SHAPES = [
+    OpShape("image-smoke", 1, 2, 33, 16, (0, 1, 2, 3), False),
+    OpShape("text-smoke", 2, 2, 9, 16, (0, 1, 2, 3), True),
+]
+
+
+def providers(device: torch.device, shape: OpShape) -> dict:
+    """Name -> callable with the op's signature, for what runs on this device."""
+    found = {}
+    for impl in ("reference", "eager", "triton"):
+        if impl == "triton" and not (triton_available() and (device.type == "cuda" or _interpreted())):
+            continue
+        found[impl] = functools.partial(mixture_prefix_attention, impl=impl)
+    found["lse_merge_math"] = functools.partial(peers.lse_merge, x_backend="math")
+    if device.type == "cuda":
+        found["lse_merge_xformers"] = functools.partial(peers.lse_merge, x_backend="xformers")
+        found["lse_merge_flex"] = functools.partial(peers.lse_merge, x_backend="flex")
+    found["sdpa_n+max"] = functools.partial(peers.sdpa_single_path, n_prompt=max(shape.lengths))
+    found["sdpa_n+sum"] = functools.partial(peers.sdpa_single_path, n_prompt=sum(shape.lengths))
+    return found
+
+
+def _interpreted() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def make_input_sets(shape: OpShape, dtype, device, count: int, seed: int = 0):
+    """``count`` independent random input sets (leaf tensors needing grads) and output grads."""
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    sets = []
+    for _ in range(count):
+        def randn(*size):
+            return torch.randn(*size, generator=gen).to(device=device, dtype=dtype).requires_grad_()
+
+        qkv = [randn(shape.batch, shape.heads, shape.n, shape.head_dim) for _ in range(3)]
+        prompts = [randn(shape.heads, sum(shape.lengths), shape.head_dim) for _ in range(2)]
+        logits = torch.randn(len(shape.lengths), generator=gen).to(device)
+        weights = torch.softmax(logits, 0).requires_grad_()
+        grad_out = torch.randn(shape.batch, shape.heads, shape.n, shape.head_dim, generator=gen)
+        sets.append(((*qkv, *prompts, weights), grad_out.to(device=device, dtype=dtype)))
+    return sets
+
+
+def _call(fn, inputs, shape, backward):
+    tensors, grad_out = inputs
+    q, k, v, pk, pv, w = tensors
+    if not backward:
+        with torch.no_grad():
+            return fn(q, k, v, pk, pv, shape.lengths, w, shape.causal)
+    out = fn(q, k, v, pk, pv, shape.lengths, w, shape.causal)
+    return torch.autograd.grad(out, tensors, grad_out, allow_unused=True)
+
+
+def bench_shape(shape: OpShape, dtype, device, repeats: int, warmup: int, input_sets: int = 3):
+    """All providers on one shape: a list of result rows."""
+    sets = make_input_sets(shape, dtype, device, input_sets)
+    rows = []
+    for mode, backward in (("fwd", False), ("fwd+bwd", True)):
+        calls, errors = {}, {}
+        for name, fn in providers(device, shape).items():
+            call = functools.partial(lambda fn, backward, i: _call(fn, sets[i % len(sets)], shape, backward),
+                                     fn, backward)
+            try:
+                call(0)  # also the first warm-up: drop providers that cannot run here
+            except Exception as exc:  # noqa: BLE001 - report and go on with the others
+                errors[name] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
+                continue
+            calls[name] = call
+        samples = time_interleaved(calls, device, repeats, warmup)
+        flops = shape.forward_flops() * (3.5 if backward else 1.0)
+        for name, times in samples.items():
+            stats = summarize(times)
+            rows.append(dict(shape=shape.name, mode=mode, provider=name, **stats,
+                             peak_memory_mb=peak_memory_mb(lambda: calls[name](0), device),
+                             tflops=flops / (stats["median_ms"] * 1e-3) / 1e12))
+        rows += [dict(shape=shape.name, mode=mode, provider=name, error=err) for name, err in errors.items()]
+    _add_ratios(rows)
+    return rows
+
+
+def _add_ratios(rows):
+    """time / time of the floor (single-path SDPA) and reference time / time, per shape and mode."""
+    timed = {(r["shape"], r["mode"], r["provider"]): r["median_ms"] for r in rows if "median_ms" in r}
+    for r in rows:
+        if "median_ms" not in r:
+            continue
+        floor = timed.get((r["shape"], r["mode"], "sdpa_n+max"))
+        reference = timed.get((r["shape"], r["mode"], "reference"))
+        r["vs_single_path"] = r["median_ms"] / floor if floor else None
+        r["speedup_vs_reference"] = reference / r["median_ms"] if reference else None
+
+
+def format_table(rows) -> str:
+    header = f"{'shape':<18} {'mode':<8} {'provider':<20} {'median ms':>10} {'IQR ms':>15} {'peak MB':>8} " \
+             f"{'TFLOP/s':>8} {'x single':>9} {'ref/this':>9}"
+    lines = [header, "-" * len(header)]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"{r['shape']:<18} {r['mode']:<8} {r['provider']:<20} unavailable: {r['error']}")
+            continue
+        mem = "-" if r["peak_memory_mb"] is None else f"{r['peak_memory_mb']:.0f}"
+        ratio = lambda x: "-" if x is None else f"{x:.2f}"  # noqa: E731
+        lines.append(
+            f"{r['shape']:<18} {r['mode']:<8} {r['provider']:<20} {r['median_ms']:>10.3f} "
+            f"{r['q1_ms']:>7.3f}-{r['q3_ms']:<7.3f} {mem:>8} {r['tflops']:>8.3f} "
+            f"{ratio(r['vs_single_path']):>9} {ratio(r['speedup_vs_reference']):>9}")
+    return "\n".join(lines)
+
+
+def run(device=None, dtype=None, shapes=None, repeats=None, warmup=2, out=None, smoke=False, echo=print):
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if dtype is None:
+        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    if shapes is None:
+        shapes = SMOKE_SHAPES if smoke else (GPU_SHAPES if device.type == "cuda" else CPU_SHAPES)
+    repeats = repeats or (2 if smoke else (30 if device.type == "cuda" else 7))
+    result = {"benchmark": "op", "environment": environment(device), "dtype": str(dtype).replace("torch.", ""),
+              "shapes": [asdict(s) for s in shapes], "rows": []}
+    for shape in shapes:
+        echo(f"# {shape.name}: B={shape.batch} H={shape.heads} N={shape.n} D={shape.head_dim} "
+             f"lengths={list(shape.lengths)} causal={shape.causal}")
+        result["rows"] += bench_shape(shape, dtype, device, repeats, warmup=1 if smoke else warmup)
+    echo(format_table(result["rows"]))
+    if out is not None:
+        out = Path(out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_suffix(out.suffix + ".tmp")
+        tmp.write_text(json.dumps(result, indent=1))
+        tmp.replace(out)  # atomic: a reader never sees half a file
+        echo(f"wrote {out}")
+    return result
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="fastdpl bench op", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                        help="default: bfloat16 on CUDA, float32 on CPU")
+    parser.add_argument("--shapes", default=None,
+                        help="comma-separated shape names (default: the device's set); see --list")
+    parser.add_argument("--repeats", type=int, default=None, help="timed calls per provider")
+    parser.add_argument("--out", default="bench-out/op.json", help="JSON results path")
+    parser.add_argument("--smoke", action="store_true", help="tiny shapes, two repeats: checks the runner works")
+    parser.add_argument("--list", action="store_true", help="list the shape names and exit")
+    args = parser.parse_args(argv)
+    known = {s.name: s for s in GPU_SHAPES + CPU_SHAPES + SMOKE_SHAPES}
+    if args.list:
+        print("\n".join(f"{name}: {s}" for name, s in known.items()))
+        return 0
+    shapes = None
+    if args.shapes:
+        unknown = [name for name in args.shapes.split(",") if name not in known]
+        if unknown:
+            parser.error(f"--shapes: unknown {unknown}; known: {sorted(known)}")
+        shapes = [known[name] for name in args.shapes.split(",")]
+    dtype = getattr(torch, args.dtype) if args.dtype else None
+    run(device=args.device, dtype=dtype, shapes=shapes, repeats=args.repeats, out=args.out, smoke=args.smoke)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

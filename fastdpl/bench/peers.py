@@ -1,0 +1,104 @@
+"""What a user would otherwise run, for side-by-side benchmarks of the op.
+
+Every peer has the op's signature ``(q, k, v, prompt_k, prompt_v,
+candidate_lengths, weights, causal) -> out`` and is differentiable.
+
+* ``lse_merge_*``: one attention over the original keys that also returns its
+  log-sum-exp, plus each candidate's prompt-only attention (tiny, N x n_c
+  scores), merged per candidate with the LSE rule
+  ``out_c = (e^lse_x out_x + e^lse_c out_pc) / (e^lse_x + e^lse_c)`` and summed
+  with the weights. The x-part runs on xformers (CUDA), FlexAttention, or plain
+  math (materialised scores) where neither runs.
+* ``sdpa_single_path``: the floor: one prompted attention over N + n keys
+  (n = max(lengths) for "a single path", or sum(lengths)), as one SDPA call.
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn.functional as F
+
+from fastdpl.ops.reference import candidate_offsets
+
+
+def _prefix_mask(n_queries: int, n_prompt: int, causal: bool, device) -> torch.Tensor | None:
+    """Boolean (N, N + n) mask: causal over the original keys, every prompt key visible."""
+    if not causal:
+        return None
+    original = torch.ones(n_queries, n_queries, dtype=torch.bool, device=device).tril()
+    return torch.cat([original, torch.ones(n_queries, n_prompt, dtype=torch.bool, device=device)], dim=1)
+
+
+def sdpa_over_prefix(q, k, v, prompt_k, prompt_v, causal):
+    """One SDPA call over [k ; prompt_k] (prompts broadcast over the batch, as a prompted block does)."""
+    batch = q.shape[0]
+    keys = torch.cat([k, prompt_k.unsqueeze(0).expand(batch, -1, -1, -1)], dim=2)
+    values = torch.cat([v, prompt_v.unsqueeze(0).expand(batch, -1, -1, -1)], dim=2)
+    mask = _prefix_mask(q.shape[2], prompt_k.shape[1], causal, q.device)
+    return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
+
+
+def sdpa_single_path(q, k, v, prompt_k, prompt_v, candidate_lengths, weights, causal, n_prompt):
+    """The floor: a single prompted attention with the first ``n_prompt`` prompt rows."""
+    return sdpa_over_prefix(q, k, v, prompt_k[:, :n_prompt], prompt_v[:, :n_prompt], causal)
+
+
+def _x_attention_math(q, k, v, causal):
+    scores = (q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5
+    if causal:
+        n = q.shape[2]
+        scores = scores.masked_fill(torch.ones(n, n, dtype=torch.bool, device=q.device).triu(1), float("-inf"))
+    scores = scores.float()
+    return (torch.softmax(scores, -1).to(v.dtype) @ v), torch.logsumexp(scores, -1)
+
+
+def _x_attention_xformers(q, k, v, causal):
+    from xformers.ops.fmha import LowerTriangularMask
+    from xformers.ops.fmha.merge_training import memory_efficient_attention_partial_autograd
+
+    bias = LowerTriangularMask() if causal else None
+    # xformers wants (B, N, H, D); its LSE comes back as (B, H, N).
+    partial = memory_efficient_attention_partial_autograd(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_bias=bias)
+    out, lse = partial.attn, partial.lse
+    return out.transpose(1, 2), lse
+
+
+@functools.lru_cache(maxsize=None)
+def _compiled_flex():
+    from torch.nn.attention.flex_attention import flex_attention
+
+    return torch.compile(flex_attention, dynamic=False)
+
+
+def _x_attention_flex(q, k, v, causal):
+    from torch.nn.attention.flex_attention import AuxRequest, create_block_mask
+
+    block_mask = None
+    if causal:
+        block_mask = create_block_mask(lambda b, h, qi, ki: ki <= qi, None, None, q.shape[2], k.shape[2],
+                                       device=q.device)
+    out, aux = _compiled_flex()(q, k, v, block_mask=block_mask, return_aux=AuxRequest(lse=True))
+    return out, aux.lse
+
+
+X_ATTENTION = {"math": _x_attention_math, "xformers": _x_attention_xformers, "flex": _x_attention_flex}
+
+
+def lse_merge(q, k, v, prompt_k, prompt_v, candidate_lengths, weights, causal, x_backend="math"):
+    """Mixture by LSE merging of an x-only attention with each candidate's prompt-only attention."""
+    out_x, lse_x = X_ATTENTION[x_backend](q, k, v, causal)
+    out_x, lse_x = out_x.float(), lse_x.float().unsqueeze(-1)
+    scale = q.shape[-1] ** -0.5
+    total = torch.zeros_like(out_x)
+    for c, (offset, n) in enumerate(zip(candidate_offsets(candidate_lengths), candidate_lengths)):
+        if n == 0:
+            total = total + weights[c] * out_x
+            continue
+        scores = ((q @ prompt_k[:, offset:offset + n].transpose(-1, -2)) * scale).float()
+        lse_p = torch.logsumexp(scores, -1, keepdim=True)
+        out_p = torch.softmax(scores, -1) @ prompt_v[:, offset:offset + n].float()
+        lse = torch.logaddexp(lse_x, lse_p)
+        total = total + weights[c] * (torch.exp(lse_x - lse) * out_x + torch.exp(lse_p - lse) * out_p)
+    return total.to(q.dtype)

@@ -1,0 +1,172 @@
+"""Fused forward of the mixture-of-prompt-lengths attention (Triton).
+
+Computes, for every query row i of one (batch, head) and every candidate c of
+``candidate_lengths`` (prompt rows p in c are a contiguous segment of the shared
+prompt_k / prompt_v):
+
+    O_i = sum_c w_c * softmax-attention of q_i over [k ; pk_c] and [v ; pv_c]
+        = beta_i * sum_j e^(s_ij - m_i) v_j + sum_p gamma_{i,c(p)} e^(t_ip - m_i) pv_p
+
+    Z_ic = sum_j e^(s_ij - m_i) + sum_{p in c} e^(t_ip - m_i)
+    gamma_ic = w_c / Z_ic,  beta_i = sum_c gamma_ic
+
+One program owns BLOCK_M query rows of one (batch, head): grid
+``(cdiv(N, BLOCK_M), B * H)``. It makes three passes:
+
+1. the prompt keys (scores only): running max ``m_p`` and the per-candidate
+   prompt sums, gathered per candidate with a one-hot (BLOCK_P, BLOCK_C) matmul;
+2. the original keys, FlashAttention-2 style: running max ``m_x``, ``sum_j e^s``
+   and ``sum_j e^s v_j`` (causal blocks past the diagonal are skipped);
+3. the prompt keys again, now that Z and therefore gamma are known, adding
+   ``gamma_{c(p)} e^(t - m) pv_p``.
+
+P (the total prompt rows, 21 for lengths 0..6) is small next to N, so passes 1
+and 3 cost about one extra key block each. Exponentials use exp2 with log2(e)
+folded into the scale, so the saved row maximum is in log2 units. Only O, the
+row maximum m (B, H, N) and the denominators Z (B, H, N, C) are written: the
+backward needs nothing else. All accumulation is float32; the PV matmuls take
+the probabilities in the input dtype, as FlashAttention does.
+
+Limits: head dim 16..128 (padded to a power of two and masked), any N >= 1,
+any number of candidates (the one-hot width BLOCK_C is padded to >= 16).
+"""
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _mma(a, b, DOT_PRECISION: tl.constexpr):
+    """a @ b with float32 accumulation.
+
+    DOT_PRECISION is "ieee" or "tf32" (passed to tl.dot), or "upcast": the
+    operands are widened to float32 first. The launcher picks "upcast" only for
+    bfloat16 under TRITON_INTERPRET=1, whose numpy dot would otherwise multiply
+    the raw uint16 storage of bfloat16 values; widening bfloat16 is exact, so
+    the result is what a bf16 tensor-core dot with fp32 accumulation gives.
+    """
+    if DOT_PRECISION == "upcast":
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    else:
+        return tl.dot(a, b, input_precision=DOT_PRECISION)
+
+
+@triton.jit
+def _prompt_scores(q, PK, offs_p, offs_d, p_mask, d_mask, stride_pp, stride_pd, qk_scale,
+                   DOT_PRECISION: tl.constexpr):
+    """Prompt scores t * log2(e) for a block of prompt keys; -inf where p >= P."""
+    pk = tl.load(PK + offs_p[:, None] * stride_pp + offs_d[None, :] * stride_pd,
+                 mask=p_mask[:, None] & d_mask[None, :], other=0.0)
+    t = _mma(q, tl.trans(pk), DOT_PRECISION) * qk_scale
+    return tl.where(p_mask[None, :], t, float("-inf"))
+
+
+@triton.jit
+def _segment_onehot(SEG, offs_p, p_mask, offs_c):
+    """(BLOCK_P, BLOCK_C) float32: 1 where prompt row p belongs to candidate c."""
+    seg = tl.load(SEG + offs_p, mask=p_mask, other=-1)
+    return (seg[:, None] == offs_c[None, :]).to(tl.float32)
+
+
+@triton.jit
+def mixture_attention_fwd_kernel(
+    Q, K, V, PK, PV, SEG, W, Out, RowMax, Denom,
+    stride_qb, stride_qh, stride_qn, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_ob, stride_oh, stride_on, stride_od,
+    stride_pkh, stride_pkp, stride_pkd,
+    stride_pvh, stride_pvp, stride_pvd,
+    H, N, P, C, D, qk_scale,
+    CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr,
+    BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    tl.static_assert(BLOCK_P >= 16 and BLOCK_C >= 16 and BLOCK_D >= 16, "tl.dot needs blocks >= 16")
+    start_m = tl.program_id(0)
+    off_bh = tl.program_id(1)
+    off_b = (off_bh // H).to(tl.int64)
+    off_h = (off_bh % H).to(tl.int64)
+
+    offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_c = tl.arange(0, BLOCK_C)
+    row_mask = offs_m < N
+    d_mask = offs_d < D
+    c_mask = offs_c < C
+
+    q = tl.load(Q + off_b * stride_qb + off_h * stride_qh + offs_m[:, None] * stride_qn + offs_d[None, :] * stride_qd,
+                mask=row_mask[:, None] & d_mask[None, :], other=0.0)
+    PK += off_h * stride_pkh
+    PV += off_h * stride_pvh
+
+    # Pass 1: prompt max m_p and per-candidate sums l_c = sum_{p in c} 2^(t - m_p).
+    m_p = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_c = tl.zeros([BLOCK_M, BLOCK_C], tl.float32)
+    for p0 in range(0, P, BLOCK_P):
+        offs_p = p0 + tl.arange(0, BLOCK_P)
+        p_mask = offs_p < P
+        t = _prompt_scores(q, PK, offs_p, offs_d, p_mask, d_mask, stride_pkp, stride_pkd, qk_scale, DOT_PRECISION)
+        m_new = tl.maximum(m_p, tl.max(t, 1))
+        e = tl.exp2(t - m_new[:, None])
+        onehot = _segment_onehot(SEG, offs_p, p_mask, offs_c)
+        l_c = l_c * tl.exp2(m_p - m_new)[:, None] + tl.dot(e, onehot, input_precision="ieee")
+        m_p = m_new
+
+    # Pass 2: the original keys with online softmax (running max m_x).
+    m_x = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_x = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    K += off_b * stride_kb + off_h * stride_kh
+    V += off_b * stride_vb + off_h * stride_vh
+    hi = N
+    if CAUSAL:
+        hi = tl.minimum(N, (start_m + 1) * BLOCK_M)  # keys past the last row of this block are never seen
+    for n0 in range(0, hi, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        n_mask = offs_n < N
+        k = tl.load(K + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd,
+                    mask=n_mask[:, None] & d_mask[None, :], other=0.0)
+        s = _mma(q, tl.trans(k), DOT_PRECISION) * qk_scale
+        visible = n_mask[None, :]
+        if CAUSAL:
+            visible = visible & (offs_n[None, :] <= offs_m[:, None])
+        s = tl.where(visible, s, float("-inf"))
+        # Key 0 is visible to every row, so m_new is finite from the first block on.
+        m_new = tl.maximum(m_x, tl.max(s, 1))
+        alpha = tl.exp2(m_x - m_new)
+        probs = tl.exp2(s - m_new[:, None])
+        l_x = l_x * alpha + tl.sum(probs, 1)
+        v = tl.load(V + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd,
+                    mask=n_mask[:, None] & d_mask[None, :], other=0.0)
+        acc = acc * alpha[:, None] + _mma(probs.to(v.dtype), v, DOT_PRECISION)
+        m_x = m_new
+
+    # One maximum for everything; without prompts m_p = -inf and its factor is 0.
+    m = tl.maximum(m_x, m_p)
+    x_factor = tl.exp2(m_x - m)
+    l_x = l_x * x_factor
+    acc = acc * x_factor[:, None]
+    l_c = l_c * tl.exp2(m_p - m)[:, None]
+
+    w = tl.load(W + offs_c, mask=c_mask, other=0.0)
+    z = l_x[:, None] + l_c                                     # Z_c
+    gamma = tl.where(c_mask[None, :], w[None, :] / z, 0.0)     # w_c / Z_c
+    beta = tl.sum(gamma, 1)
+    acc = acc * beta[:, None]
+
+    # Pass 3: add sum_p gamma_{c(p)} 2^(t - m) pv_p.
+    for p0 in range(0, P, BLOCK_P):
+        offs_p = p0 + tl.arange(0, BLOCK_P)
+        p_mask = offs_p < P
+        t = _prompt_scores(q, PK, offs_p, offs_d, p_mask, d_mask, stride_pkp, stride_pkd, qk_scale, DOT_PRECISION)
+        onehot = _segment_onehot(SEG, offs_p, p_mask, offs_c)
+        gamma_p = tl.dot(gamma, tl.trans(onehot), input_precision="ieee")  # gamma_{c(p)}
+        pv = tl.load(PV + offs_p[:, None] * stride_pvp + offs_d[None, :] * stride_pvd,
+                     mask=p_mask[:, None] & d_mask[None, :], other=0.0)
+        weighted = tl.exp2(t - m[:, None]) * gamma_p
+        acc += _mma(weighted.to(pv.dtype), pv, DOT_PRECISION)
+
+    out_ptrs = Out + off_b * stride_ob + off_h * stride_oh + offs_m[:, None] * stride_on + offs_d[None, :] * stride_od
+    tl.store(out_ptrs, acc.to(Out.dtype.element_ty), mask=row_mask[:, None] & d_mask[None, :])
+    stat_rows = off_bh.to(tl.int64) * N + offs_m
+    tl.store(RowMax + stat_rows, m, mask=row_mask)
+    tl.store(Denom + stat_rows[:, None] * C + offs_c[None, :], z, mask=row_mask[:, None] & c_mask[None, :])

@@ -1,0 +1,151 @@
+"""Public entry point of the mixture-of-prompt-lengths attention.
+
+``mixture_prefix_attention`` checks its inputs (skipped while torch.compile
+traces), picks an engine and runs it:
+
+* ``"reference"`` - the literal per-candidate loop (``reference.py``);
+* ``"eager"``     - one concatenated attention in plain PyTorch (``eager.py``);
+* ``"triton"``    - the fused kernels behind a registered custom op (``library.py``);
+* ``"auto"``      - triton for CUDA tensors when Triton imports, eager otherwise.
+"""
+from __future__ import annotations
+
+import importlib.util
+import numbers
+from typing import Sequence
+
+import torch
+
+from .eager import eager_mixture_prefix_attention
+from .library import fused_mixture_prefix_attention
+from .reference import reference_mixture_prefix_attention
+
+IMPLS = ("auto", "reference", "eager", "triton")
+_ENGINES = {
+    "reference": reference_mixture_prefix_attention,
+    "eager": eager_mixture_prefix_attention,
+    "triton": fused_mixture_prefix_attention,
+}
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+__all__ = ["IMPLS", "mixture_prefix_attention", "resolve_impl", "triton_available"]
+
+
+def _find_triton() -> bool:
+    try:
+        return importlib.util.find_spec("triton") is not None
+    except (ImportError, ValueError):
+        return False
+
+
+# Looked up once, without importing Triton (and so without touching CUDA).
+_TRITON_FOUND = _find_triton()
+
+
+def triton_available() -> bool:
+    """Whether Triton is installed here (its kernels still need CUDA or TRITON_INTERPRET=1)."""
+    return _TRITON_FOUND
+
+
+def resolve_impl(impl: str, device: torch.device) -> str:
+    """The engine that ``impl`` means for tensors on ``device``."""
+    if impl not in IMPLS:
+        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+    if impl == "auto":
+        return "triton" if torch.device(device).type == "cuda" and triton_available() else "eager"
+    if impl == "triton" and not triton_available():
+        raise ImportError("impl='triton' needs Triton (pip install triton); use impl='eager' without it")
+    return impl
+
+
+def normalize_candidate_lengths(candidate_lengths) -> tuple[int, ...]:
+    """A tuple of non-negative Python ints, or a TypeError/ValueError naming the argument."""
+    if isinstance(candidate_lengths, torch.Tensor):
+        if candidate_lengths.dim() != 1 or candidate_lengths.dtype.is_floating_point:
+            raise TypeError("candidate_lengths must be a 1-D integer sequence")
+        candidate_lengths = candidate_lengths.tolist()
+    if isinstance(candidate_lengths, (str, bytes)) or not isinstance(candidate_lengths, Sequence):
+        raise TypeError(f"candidate_lengths must be a sequence of ints, got {type(candidate_lengths).__name__}")
+    lengths = []
+    for n in candidate_lengths:
+        if isinstance(n, bool) or not isinstance(n, numbers.Integral):
+            raise TypeError(f"candidate_lengths must hold ints, got {n!r}")
+        if n < 0:
+            raise ValueError(f"candidate_lengths must be non-negative, got {n}")
+        lengths.append(int(n))
+    if not lengths:
+        raise ValueError("candidate_lengths must name at least one candidate")
+    return tuple(lengths)
+
+
+def _check_tensor(name, t, ndim):
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"{name} must be a floating tensor (float16/bfloat16/float32/float64), got {t.dtype}")
+    if t.dim() != ndim:
+        raise ValueError(f"{name} must have {ndim} dimensions, got shape {tuple(t.shape)}")
+
+
+def _check_inputs(q, k, v, prompt_k, prompt_v, lengths, weights):
+    _check_tensor("q", q, 4)
+    batch, heads, n_queries, head_dim = q.shape
+    if n_queries < 1 or head_dim < 1 or batch < 1 or heads < 1:
+        raise ValueError(f"q must have non-empty (B, H, N, D), got {tuple(q.shape)}")
+    for name, t in (("k", k), ("v", v)):
+        _check_tensor(name, t, 4)
+        if t.shape != q.shape:
+            raise ValueError(f"{name} must have q's shape (B, H, N, D) = {tuple(q.shape)}, got {tuple(t.shape)}")
+    n_prompt = sum(lengths)
+    for name, t in (("prompt_k", prompt_k), ("prompt_v", prompt_v)):
+        _check_tensor(name, t, 3)
+        expected = (heads, n_prompt, head_dim)
+        if tuple(t.shape) != expected:
+            raise ValueError(
+                f"{name} must have shape (H, sum(candidate_lengths), D) = {expected}, got {tuple(t.shape)}"
+            )
+    _check_tensor("weights", weights, 1)
+    if weights.shape[0] != len(lengths):
+        raise ValueError(
+            f"weights must have one entry per candidate ({len(lengths)}), got shape {tuple(weights.shape)}"
+        )
+    for name, t in (("k", k), ("v", v), ("prompt_k", prompt_k), ("prompt_v", prompt_v)):
+        if t.dtype != q.dtype:
+            raise TypeError(f"{name} must have q's dtype {q.dtype}, got {t.dtype}")
+    for name, t in (("k", k), ("v", v), ("prompt_k", prompt_k), ("prompt_v", prompt_v), ("weights", weights)):
+        if t.device != q.device:
+            raise ValueError(f"{name} must be on q's device {q.device}, got {t.device}")
+
+
+def mixture_prefix_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    prompt_k: torch.Tensor,
+    prompt_v: torch.Tensor,
+    candidate_lengths: Sequence[int],
+    weights: torch.Tensor,
+    causal: bool = False,
+    impl: str = "auto",
+) -> torch.Tensor:
+    """Weighted mixture over candidate prompt lengths of prefix-prompted attention.
+
+    Args:
+        q, k, v: (B, H, N, D) queries, keys and values of the original tokens.
+        prompt_k, prompt_v: (H, P, D) prompt keys/values of all candidates,
+            concatenated in candidate order (P = sum(candidate_lengths)); shared by
+            every sequence of the batch, never expanded over B.
+        candidate_lengths: non-negative ints, the prompt length of each candidate.
+        weights: (C,) mixture weights, usually softmax(arch_logits); differentiable.
+        causal: causal mask on the original keys; prompt keys are always visible.
+        impl: "auto", "reference", "eager" or "triton".
+
+    Returns:
+        (B, H, N, D): ``sum_c weights[c] * softmax(q [k; pk_c]^T / sqrt(D)) [v; pv_c]``.
+        Gradients flow to q, k, v, prompt_k, prompt_v (summed over the batch) and weights.
+    """
+    lengths = normalize_candidate_lengths(candidate_lengths)
+    if not torch.compiler.is_compiling():
+        _check_inputs(q, k, v, prompt_k, prompt_v, lengths, weights)
+    engine = _ENGINES[resolve_impl(impl, q.device)]
+    return engine(q, k, v, prompt_k, prompt_v, lengths, weights, causal=bool(causal))

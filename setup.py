@@ -1,0 +1,28 @@
+"""Install fastdpl: fused Differentiable Prompt Learning for CLIP models.
+
+Dependencies are given as minimum versions; the Triton kernels ship inside the
+package (fastdpl/kernels).
+"""
+from setuptools import find_packages, setup
+
+setup(
+    name="fastdpl",
+    version="0.1.0",
+    description="Fast Differentiable Prompt Learning (DPL) for CLIP: fused mixture-of-prompt-lengths attention",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["fastdpl", "fastdpl.*"]),
+    install_requires=[
+        "torch>=2.5",
+        "triton>=3.1",
+        "open_clip_torch>=2.24",
+        "xformers>=0.0.28",
+        "nvtx>=0.2.10",
+        "numpy>=1.24",
+    ],
+    extras_require={
+        "test": ["pytest>=8", "pytest-benchmark>=4"],
+    },
+    entry_points={"console_scripts": ["fastdpl=fastdpl.cli:main"]},
+)
