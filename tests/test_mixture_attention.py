@@ -5,6 +5,7 @@ a per-candidate torch SDPA loop below). Inputs are fresh random draws per case;
 the fused engine's buffers are poisoned with NaN before it runs.
 """
 import itertools
+import zlib
 
 import pytest
 import torch
@@ -39,7 +40,15 @@ EDGE_CASES = [
     Case(1, 3, 20, 64, tuple(range(17)), False),
 ]
 DTYPES = [torch.float32, torch.bfloat16]
+# The literal loop in bf16 runs softmax, attention and the weight gradient's sum in
+# bf16 (measured: up to ~0.1 normalised error on dweights); it is the oracle only in float64.
+LITERAL_HALF_SLACK = 5.0
 needs_triton = pytest.mark.skipif(TRITON_DEVICE is None, reason="Triton needs CUDA or TRITON_INTERPRET=1")
+
+
+def _seed(*parts):
+    """A fixed seed per test case (Python's hash() of strings changes from run to run)."""
+    return zlib.crc32(repr(parts).encode())
 
 
 def _device_for(impl):
@@ -61,8 +70,11 @@ def _check_against_oracle(case, dtype, impl, seed):
         eager = run_with_grads(tensors, grad_out, case, "eager")
         rounded_out = design_backward64(tensors, grad_out, case, actual[0])
         baselines = [eager, (eager[0], *rounded_out)]
+    floor = TOLERANCE[dtype]
+    if impl == "reference" and dtype in (torch.float16, torch.bfloat16):
+        floor *= LITERAL_HALF_SLACK
     for i, (name, a, e) in enumerate(zip(NAMES, actual, expected)):
-        tol = max([TOLERANCE[dtype]] + [EAGER_MULTIPLE * normalised_error(b[i], e) for b in baselines])
+        tol = max([floor] + [EAGER_MULTIPLE * normalised_error(b[i], e) for b in baselines])
         assert_matches(a, e, tol, f"{impl}/{dtype}/{case}/{name}")
 
 
@@ -70,21 +82,21 @@ def _check_against_oracle(case, dtype, impl, seed):
 @pytest.mark.parametrize("case", CASES, ids=str)
 @pytest.mark.parametrize("impl", ["reference", "eager"])
 def test_torch_engines_match_float64_oracle(impl, case, dtype):
-    _check_against_oracle(case, dtype, impl, seed=hash((impl, str(case), str(dtype))) % 2**31)
+    _check_against_oracle(case, dtype, impl, seed=_seed(impl, case, dtype))
 
 
 @needs_triton
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("case", CASES, ids=str)
 def test_triton_matches_float64_oracle(case, dtype):
-    _check_against_oracle(case, dtype, "triton", seed=hash(("triton", str(case), str(dtype))) % 2**31)
+    _check_against_oracle(case, dtype, "triton", seed=_seed("triton", case, dtype))
 
 
 @needs_triton
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("case", EDGE_CASES, ids=str)
 def test_triton_edge_shapes_match_float64_oracle(case, dtype):
-    _check_against_oracle(case, dtype, "triton", seed=hash(("edge", str(case), str(dtype))) % 2**31)
+    _check_against_oracle(case, dtype, "triton", seed=_seed("edge", case, dtype))
 
 
 @needs_triton

@@ -44,12 +44,16 @@ def sdpa_single_path(q, k, v, prompt_k, prompt_v, candidate_lengths, weights, ca
     return sdpa_over_prefix(q, k, v, prompt_k[:, :n_prompt], prompt_v[:, :n_prompt], causal)
 
 
+def _accumulation_dtype(q):
+    return torch.promote_types(q.dtype, torch.float32)
+
+
 def _x_attention_math(q, k, v, causal):
     scores = (q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5
     if causal:
         n = q.shape[2]
         scores = scores.masked_fill(torch.ones(n, n, dtype=torch.bool, device=q.device).triu(1), float("-inf"))
-    scores = scores.float()
+    scores = scores.to(_accumulation_dtype(q))
     return (torch.softmax(scores, -1).to(v.dtype) @ v), torch.logsumexp(scores, -1)
 
 
@@ -87,18 +91,24 @@ X_ATTENTION = {"math": _x_attention_math, "xformers": _x_attention_xformers, "fl
 
 
 def lse_merge(q, k, v, prompt_k, prompt_v, candidate_lengths, weights, causal, x_backend="math"):
-    """Mixture by LSE merging of an x-only attention with each candidate's prompt-only attention."""
-    out_x, lse_x = X_ATTENTION[x_backend](q, k, v, causal)
-    out_x, lse_x = out_x.float(), lse_x.float().unsqueeze(-1)
+    """Mixture by LSE merging of an x-only attention with each candidate's prompt-only attention.
+
+    ``x_backend`` names an entry of X_ATTENTION, or is a callable
+    ``(q, k, v, causal) -> (out, lse)`` with lse in natural-log units.
+    """
+    x_attention = X_ATTENTION[x_backend] if isinstance(x_backend, str) else x_backend
+    out_x, lse_x = x_attention(q, k, v, causal)
+    acc = _accumulation_dtype(q)
+    out_x, lse_x = out_x.to(acc), lse_x.to(acc).unsqueeze(-1)
     scale = q.shape[-1] ** -0.5
     total = torch.zeros_like(out_x)
     for c, (offset, n) in enumerate(zip(candidate_offsets(candidate_lengths), candidate_lengths)):
         if n == 0:
             total = total + weights[c] * out_x
             continue
-        scores = ((q @ prompt_k[:, offset:offset + n].transpose(-1, -2)) * scale).float()
+        scores = ((q @ prompt_k[:, offset:offset + n].transpose(-1, -2)) * scale).to(acc)
         lse_p = torch.logsumexp(scores, -1, keepdim=True)
-        out_p = torch.softmax(scores, -1) @ prompt_v[:, offset:offset + n].float()
+        out_p = torch.softmax(scores, -1) @ prompt_v[:, offset:offset + n].to(acc)
         lse = torch.logaddexp(lse_x, lse_p)
         total = total + weights[c] * (torch.exp(lse_x - lse) * out_x + torch.exp(lse_p - lse) * out_p)
     return total.to(q.dtype)

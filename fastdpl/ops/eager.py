@@ -10,10 +10,10 @@ maximum ``m`` (natural log units, scale = D^-0.5)
 
 which equals sum_c w_c softmax-attention over [k ; pk_c] (DESIGN.md section 2).
 One pass over N + P keys instead of C passes over N + n_c keys; gradients come
-from autograd. Scores are taken in the input dtype (like the fused kernel's
-matmuls); exponentials, denominators and the value products run in float32
-(float64 for float64 inputs), so that dO.v is never rounded to bf16 before the
-cancellation in beta dO.v - delta.
+from autograd. Everything after reading the inputs runs in float32 (float64 for
+float64 inputs): the scores, like the fused kernel's fp32 accumulators, and the
+value products too, so that dO.v is never rounded to bf16 before the
+cancellation in beta dO.v - delta. Only the output is cast back.
 """
 from __future__ import annotations
 
@@ -36,7 +36,7 @@ def eager_mixture_prefix_attention(q, k, v, prompt_k, prompt_v, candidate_length
     """Concatenated single-attention form of the mixture (see module docstring)."""
     n_queries, scale = q.shape[2], q.shape[-1] ** -0.5
     acc = torch.promote_types(q.dtype, torch.float32)  # float64 stays float64 (gradcheck)
-    scores = ((q @ k.transpose(-1, -2)) * scale).to(acc)  # (B, H, N, N)
+    scores = (q.to(acc) @ k.to(acc).transpose(-1, -2)) * scale  # (B, H, N, N)
     if causal:
         future = torch.ones(n_queries, n_queries, dtype=torch.bool, device=q.device).triu(1)
         scores = scores.masked_fill(future, float("-inf"))
@@ -44,7 +44,7 @@ def eager_mixture_prefix_attention(q, k, v, prompt_k, prompt_v, candidate_length
     has_prompts = prompt_k.shape[1] > 0
     if has_prompts:
         # (B, H, N, D) @ (H, D, P) broadcasts over B without copying the prompts.
-        prompt_scores = ((q @ prompt_k.transpose(-1, -2)) * scale).to(acc)
+        prompt_scores = (q.to(acc) @ prompt_k.to(acc).transpose(-1, -2)) * scale
         row_max = torch.maximum(row_max, prompt_scores.amax(dim=-1))
     # The result does not depend on m; detaching keeps autograd away from amax.
     row_max = row_max.detach().unsqueeze(-1)

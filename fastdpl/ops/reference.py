@@ -37,7 +37,8 @@ def _attention(q, k, v, visible):
 def reference_mixture_prefix_attention(q, k, v, prompt_k, prompt_v, candidate_lengths, weights, causal=False):
     """One full attention per candidate, then the weighted sum (see module docstring)."""
     batch, heads, n_queries, _ = q.shape
-    out = torch.zeros_like(q)
+    # Sum in the promoted dtype (bf16 outputs times fp32 weights sum in fp32), as torch would.
+    out = torch.zeros_like(q, dtype=torch.promote_types(q.dtype, weights.dtype))
     original_visible = torch.ones(n_queries, n_queries, dtype=torch.bool, device=q.device)
     if causal:
         original_visible = original_visible.tril()
@@ -49,5 +50,5 @@ def reference_mixture_prefix_attention(q, k, v, prompt_k, prompt_v, candidate_le
         prompt_visible = torch.ones(n_queries, length, dtype=torch.bool, device=q.device)
         visible = torch.cat([original_visible, prompt_visible], dim=1)
         out_c = _attention(q, torch.cat([k, pk], dim=2), torch.cat([v, pv], dim=2), visible)
-        out = out + weights[c].to(q.dtype) * out_c
-    return out
+        out = out + weights[c] * out_c.to(out.dtype)
+    return out.to(q.dtype)

@@ -1,0 +1,94 @@
+"""The benchmark runner and its peers keep working (tiny shapes; timings not checked)."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from fastdpl.bench import op, peers
+from fastdpl.ops import mixture_prefix_attention
+from helpers import Case, assert_matches, make_inputs
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _uncompiled_flex(q, k, v, causal):
+    """FlexAttention without torch.compile (its CPU fallback): an independent x-part with LSE."""
+    from torch.nn.attention.flex_attention import AuxRequest, create_block_mask, flex_attention
+
+    mask = create_block_mask(lambda b, h, qi, ki: ki <= qi, None, None, q.shape[2], k.shape[2],
+                             device=q.device) if causal else None
+    out, aux = flex_attention(q, k, v, block_mask=mask, return_aux=AuxRequest(lse=True))
+    return out, aux.lse
+
+
+@pytest.mark.parametrize("x_backend", ["math", _uncompiled_flex], ids=["math", "flex"])
+@pytest.mark.parametrize("causal", [False, True])
+def test_lse_merge_peer_matches_reference(causal, x_backend):
+    """A peer that computed something else would make every ratio meaningless."""
+    case = Case(2, 3, 21, 16, (0, 2, 0, 5), causal)
+    tensors, grad_out = make_inputs(case, torch.float64, "cpu", seed=9)
+    if x_backend != "math":  # FlexAttention has no backward on the CPU
+        tensors = [t.detach() for t in tensors]
+    q, k, v, pk, pv, w = tensors
+    expected = mixture_prefix_attention(q, k, v, pk, pv, case.lengths, w, causal=causal, impl="reference")
+    actual = peers.lse_merge(q, k, v, pk, pv, case.lengths, w, causal, x_backend=x_backend)
+    assert_matches(actual, expected.detach(), 1e-10, "lse_merge")
+    if x_backend == "math":
+        grads = torch.autograd.grad(actual, tensors, grad_out)
+        for g, e in zip(grads, torch.autograd.grad(expected, tensors, grad_out)):
+            assert_matches(g, e, 1e-10, "lse_merge grad")
+
+
+def test_single_path_floor_is_one_prompted_attention():
+    case = Case(2, 2, 11, 16, (0, 1, 3), True)
+    tensors, _ = make_inputs(case, torch.float64, "cpu", seed=3)
+    q, k, v, pk, pv, w = (t.detach() for t in tensors)
+    # A single candidate of length 3 taken from the last 3 prompt rows equals the floor on those rows.
+    expected = mixture_prefix_attention(q, k, v, pk[:, :3], pv[:, :3], (3,), torch.ones(1, dtype=torch.float64),
+                                        causal=True, impl="reference")
+    actual = peers.sdpa_single_path(q, k, v, pk, pv, case.lengths, w, True, n_prompt=3)
+    assert_matches(actual, expected, 1e-10, "sdpa floor")
+
+
+def test_runner_writes_json_with_provenance(tmp_path):
+    out = tmp_path / "op.json"
+    result = op.run(device="cpu", smoke=True, out=out, echo=lambda *_: None)
+    saved = json.loads(out.read_text())
+    assert saved["rows"] == json.loads(json.dumps(result["rows"]))
+    for key in ("device", "torch", "triton", "timestamp", "commit"):
+        assert key in saved["environment"]
+    providers = {r["provider"] for r in saved["rows"]}
+    assert {"reference", "eager", "sdpa_n+max", "lse_merge_math"} <= providers
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        assert "triton" in providers
+    for row in saved["rows"]:
+        assert "error" not in row, row
+        assert row["median_ms"] > 0 and row["q1_ms"] <= row["median_ms"] <= row["q3_ms"]
+        assert row["tflops"] > 0
+
+
+def test_cli_bench_lists_shapes():
+    result = subprocess.run([sys.executable, "-m", "fastdpl.cli", "bench", "op", "--list"],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "image-b128" in result.stdout and "text-1000cls-n20" in result.stdout
+
+
+def test_cli_bench_rejects_unknown_shape():
+    result = subprocess.run([sys.executable, "-m", "fastdpl.cli", "bench", "op", "--shapes", "nope"],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and "--shapes: unknown ['nope']" in result.stderr
+
+
+def test_pytest_benchmark_suite_runs(tmp_path):
+    """`pytest benchmarks/` keeps working; here at smoke shapes with benchmarking disabled."""
+    env = dict(os.environ, FASTDPL_BENCH_SMOKE="1")
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(ROOT / "benchmarks"),
+         "--benchmark-disable"], capture_output=True, text=True, env=env, timeout=600, cwd=tmp_path)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert " passed" in result.stdout
