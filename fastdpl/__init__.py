@@ -1,10 +1,14 @@
 """fastdpl: fast Differentiable Prompt Learning for CLIP vision-language models.
 
-The core is ``fastdpl.ops.mixture_prefix_attention``: the softmax(alpha)-weighted
-mixture of prefix-prompted attentions over candidate prompt lengths, computed as
-one fused attention.
+* ``fastdpl.ops.mixture_prefix_attention``: the softmax(alpha)-weighted mixture of
+  prefix-prompted attentions over candidate prompt lengths, as one fused attention.
+* ``FastDPLPrompt``: DPL's supernet (search) and subnet (fixed) prompts around an
+  open_clip CLIP model; ``PromptConfig``: per-block prompt lengths.
 """
+from .config import PromptConfig
 from .ops import IMPLS, mixture_prefix_attention
+from .profiling import enable_nvtx
+from .prompt import FastDPLPrompt
 
 __version__ = "0.1.0"
-__all__ = ["IMPLS", "mixture_prefix_attention", "__version__"]
+__all__ = ["IMPLS", "FastDPLPrompt", "PromptConfig", "enable_nvtx", "mixture_prefix_attention", "__version__"]

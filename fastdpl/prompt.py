@@ -1,0 +1,378 @@
+"""FastDPLPrompt: DPL's supernet (search) and subnet (fixed) prompts around an open_clip CLIP.
+
+    dpl = FastDPLPrompt(model, classnames)                 # search mode, lengths 0..6 everywhere
+    logits = dpl(images)                                  # (B, num_classes), CLIP's logit scale applied
+    arch_opt = torch.optim.Adam(dpl.arch_parameters(), lr=3.5e-3, betas=(0.5, 0.999))
+    prompt_opt = torch.optim.SGD(dpl.prompt_parameters(), lr=3.5e-3)
+    config = dpl.derive_config()                          # argmax per block
+    subnet = FastDPLPrompt(model, classnames, mode="fixed", config=config)
+
+Every block of a prompted tower gets per-block prefix keys/values (DESIGN.md
+section 1): the prompt is normalised by the block's ln_1 and projected by its
+key/value projections once per step, and only the original tokens are queries.
+In search mode each block mixes its candidates' attentions with softmax(alpha)
+through the fused op; in fixed mode the op runs with a single candidate.
+
+Exact savings (DESIGN section 2): the text tower runs only up to the longest
+end-of-text position among the classes (causal attention: later tokens never
+reach it); in the last block of each tower only the consumed row (class token,
+end-of-text token) goes through the output projection and the MLP.
+
+The backbone is frozen (requires_grad=False) and otherwise untouched: its
+forward and state_dict are unchanged and no weight is copied.
+"""
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from .config import TOWERS, PromptConfig
+from .ops import IMPLS, normalize_candidate_lengths
+from .profiling import nvtx_range
+from .towers import (
+    end_of_text_positions, image_embeddings, image_head, image_parts, project_prompts, prompted_block,
+    text_embeddings, text_head, text_module, text_parts,
+)
+
+MODES = ("search", "fixed")
+# The exact savings of DESIGN section 2; tests switch each off to show it changes no output.
+SAVINGS = frozenset({"truncate_text", "last_block_rows"})
+INITS = ("normal", "paper")
+STATE_FORMAT = "fastdpl-prompts-v1"
+
+
+def _prompt_key(tower: str, block: int, length: int) -> str:
+    return f"{tower}_block{block}_len{length}"
+
+
+def _tokenize(classnames, template: str, tokenizer, context_length: int) -> torch.Tensor:
+    texts = [template.format(name.replace("_", " ")) for name in classnames]
+    if tokenizer is None:
+        import open_clip
+
+        return open_clip.tokenize(texts, context_length=context_length)
+    tokens = tokenizer(texts)
+    if not isinstance(tokens, torch.Tensor) or tokens.dim() != 2 or tokens.shape[0] != len(texts):
+        raise ValueError("tokenizer must return a (num_classes, context_length) tensor of token ids")
+    return tokens
+
+
+class FastDPLPrompt(nn.Module):
+    """Differentiable Prompt Learning around an open_clip CLIP model.
+
+    Args:
+        model: an open_clip CLIP (or CustomTextCLIP) with ViT image and text transformers.
+        classnames: the class names; underscores become spaces in the template.
+        mode: "search" (supernet over ``candidate_lengths``) or "fixed" (lengths from ``config``).
+        candidate_lengths: distinct non-negative prompt lengths searched per block (search mode).
+        config: a PromptConfig (fixed mode).
+        template: class text template, e.g. "a photo of a {}.".
+        towers: towers that get prompts in search mode.
+        impl: op engine, "auto", "eager", "triton" or "reference".
+        init: prompt initialisation, "normal" (N(0, 0.02^2)) or "paper" (the authors' search code:
+            image prompts N(0, 1), text prompts U[0, 1)).
+        text_chunk_size: run the text tower over the classes in chunks of this size with activation
+            checkpointing (memory for many classes); None runs all classes at once.
+        tokenizer: callable texts -> (num_classes, context_length) token ids; default open_clip.tokenize.
+        generator: torch.Generator for the initial prompts and arch logits.
+    """
+
+    def __init__(self, model: nn.Module, classnames: Sequence[str], *, mode: str = "search",
+                 candidate_lengths: Sequence[int] = range(7), config: PromptConfig | None = None,
+                 template: str = "a photo of a {}.", towers: Sequence[str] = TOWERS, impl: str = "auto",
+                 init: str = "normal", text_chunk_size: int | None = None, tokenizer: Callable | None = None,
+                 generator: torch.Generator | None = None):
+        super().__init__()
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        if init not in INITS:
+            raise ValueError(f"init must be one of {INITS}, got {init!r}")
+        if impl not in IMPLS:
+            raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+        if text_chunk_size is not None and (not isinstance(text_chunk_size, int) or text_chunk_size < 1):
+            raise ValueError(f"text_chunk_size must be a positive int or None, got {text_chunk_size!r}")
+        self._parts = {"image": image_parts(model), "text": text_parts(model)}
+        self.model = model
+        for p in model.parameters():
+            p.requires_grad_(False)
+        self.mode, self.impl, self.init, self.text_chunk_size = mode, impl, init, text_chunk_size
+        self.classnames = self._check_classnames(classnames)
+        self.template = template
+
+        if mode == "search":
+            towers = self._check_towers(towers)
+            lengths = normalize_candidate_lengths(candidate_lengths)
+            if len(set(lengths)) != len(lengths):
+                raise ValueError(f"candidate_lengths must be distinct, got {list(lengths)}")
+            self.candidate_lengths = lengths
+            self.config = None
+            self.prompted = {t: [lengths] * len(self._parts[t].blocks) for t in towers}
+        else:
+            if config is None or not isinstance(config, PromptConfig):
+                raise ValueError("mode='fixed' needs config=PromptConfig(...) (e.g. dpl.derive_config())")
+            for tower, lengths in config.lengths.items():
+                if len(lengths) != len(self._parts[tower].blocks):
+                    raise ValueError(f"config: tower {tower!r} has {len(lengths)} block lengths but the model's "
+                                     f"{tower} tower has {len(self._parts[tower].blocks)} blocks")
+            self.candidate_lengths = None
+            self.config = config
+            self.prompted = {t: [(n,) for n in config.lengths[t]] for t in config.towers}
+
+        generator = generator if generator is not None else torch.Generator().manual_seed(0)
+        self.prompts = nn.ParameterDict()
+        for tower, per_block in self.prompted.items():
+            for block, lengths in enumerate(per_block):
+                for n in lengths:
+                    if n > 0:
+                        self.prompts[_prompt_key(tower, block, n)] = nn.Parameter(
+                            self._initial_prompt(tower, n, generator))
+        self.arch_logits = nn.ParameterDict()
+        if mode == "search":
+            for tower in self.prompted:
+                shape = (len(self._parts[tower].blocks), len(self.candidate_lengths))
+                self.arch_logits[tower] = nn.Parameter(1e-3 * torch.randn(shape, generator=generator))
+
+        context_length = text_module(model).positional_embedding.shape[0]
+        tokens = _tokenize(self.classnames, template, tokenizer, context_length)
+        eot = end_of_text_positions(model, tokens)
+        self.register_buffer("class_tokens", tokens, persistent=False)
+        self.register_buffer("end_of_text", eot, persistent=False)
+        self._end_of_text_list = eot.tolist()  # host-side: the truncation lengths are static
+        self.register_buffer("_one", torch.ones(1), persistent=False)
+        self._text_cache = None
+        self._savings = set(SAVINGS)
+        self._to_backbone_device()
+
+    # ---- construction helpers ------------------------------------------------------------------------
+    @staticmethod
+    def _check_classnames(classnames):
+        if isinstance(classnames, str) or not isinstance(classnames, Sequence):
+            raise ValueError(f"classnames must be a list of strings, got {type(classnames).__name__}")
+        names = list(classnames)
+        if not names:
+            raise ValueError("classnames is empty: give at least one class name")
+        for name in names:
+            if not isinstance(name, str) or not name.strip():
+                raise ValueError(f"classnames must hold non-empty strings, got {name!r}")
+        return names
+
+    @staticmethod
+    def _check_towers(towers):
+        towers = tuple(towers)
+        unknown = [t for t in towers if t not in TOWERS]
+        if unknown or len(set(towers)) != len(towers):
+            raise ValueError(f"towers must be distinct names from {TOWERS}, got {list(towers)}")
+        return towers
+
+    def _initial_prompt(self, tower: str, length: int, generator) -> torch.Tensor:
+        width = self._parts[tower].width
+        if self.init == "paper":
+            if tower == "image":
+                return torch.randn(length, width, generator=generator)
+            return torch.rand(length, width, generator=generator)
+        return 0.02 * torch.randn(length, width, generator=generator)
+
+    def _to_backbone_device(self):
+        device = next(self.model.parameters()).device
+        for p in list(self.prompts.values()) + list(self.arch_logits.values()):
+            p.data = p.data.to(device)
+
+    # ---- public API ----------------------------------------------------------------------------------
+    @property
+    def num_classes(self) -> int:
+        return len(self.classnames)
+
+    def set_impl(self, impl: str) -> None:
+        """Switch the op engine ("auto", "eager", "triton", "reference") on a live module."""
+        if impl not in IMPLS:
+            raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+        self.impl = impl
+        self._text_cache = None
+
+    def prompt(self, tower: str, block: int, length: int) -> nn.Parameter:
+        """The (length, width) prompt of a candidate (search) or of the block (fixed)."""
+        key = _prompt_key(tower, block, length)
+        if key not in self.prompts:
+            raise KeyError(f"no prompt for tower {tower!r}, block {block}, length {length}")
+        return self.prompts[key]
+
+    def arch_parameters(self) -> list[nn.Parameter]:
+        return list(self.arch_logits.values())
+
+    def prompt_parameters(self) -> list[nn.Parameter]:
+        return list(self.prompts.values())
+
+    def derive_config(self) -> PromptConfig:
+        """argmax of the architecture logits per block; towers without prompts get zeros."""
+        if self.mode != "search":
+            return self.config
+        lengths = {}
+        for tower in TOWERS:
+            if tower in self.arch_logits:
+                best = self.arch_logits[tower].detach().argmax(dim=1).tolist()
+                lengths[tower] = tuple(self.candidate_lengths[i] for i in best)
+            else:
+                lengths[tower] = (0,) * len(self._parts[tower].blocks)
+        return PromptConfig(lengths)
+
+    # ---- forward -------------------------------------------------------------------------------------
+    def _block_inputs(self, tower: str, dtype):
+        """Per block: (prompt_kv or None, candidate lengths, weights). Prompts projected once per step."""
+        blocks = self._parts[tower].blocks
+        if tower not in self.prompted:
+            return [(None, None, None)] * len(blocks)
+        inputs = []
+        with nvtx_range(f"fastdpl/{tower}/prompts"):
+            for b, (block, lengths) in enumerate(zip(blocks, self.prompted[tower])):
+                if self.mode == "fixed" and lengths[0] == 0:
+                    inputs.append((None, None, None))  # a plain block
+                    continue
+                rows = [self.prompts[_prompt_key(tower, b, n)] for n in lengths if n > 0]
+                width = self._parts[tower].width
+                prompts = torch.cat(rows).to(dtype) if rows else torch.zeros(0, width, dtype=dtype,
+                                                                            device=self._one.device)
+                weights = (torch.softmax(self.arch_logits[tower][b], dim=0) if self.mode == "search"
+                           else self._one)
+                inputs.append((project_prompts(block, prompts), lengths, weights))
+        return inputs
+
+    def _check_images(self, images):
+        if not isinstance(images, torch.Tensor):
+            raise TypeError(f"images must be a torch.Tensor, got {type(images).__name__}")
+        visual = self.model.visual
+        channels = visual.conv1.in_channels
+        size = tuple(getattr(visual, "image_size", ()))
+        if images.dim() != 4 or images.shape[1] != channels:
+            raise ValueError(f"images must have shape (B, {channels}, H, W), got {tuple(images.shape)}")
+        if size and tuple(images.shape[2:]) != size:
+            raise ValueError(f"images must be {size[0]}x{size[1]} pixels for this model, "
+                             f"got {images.shape[2]}x{images.shape[3]}")
+        if images.shape[0] == 0:
+            raise ValueError("images is an empty batch")
+
+    def encode_image(self, images: torch.Tensor) -> torch.Tensor:
+        """Image features (B, embed_dim), unnormalised."""
+        if not torch.compiler.is_compiling():
+            self._check_images(images)
+        visual = self.model.visual
+        dtype = visual.conv1.weight.dtype
+        x = image_embeddings(visual, images.to(dtype))
+        blocks = self._parts["image"].blocks
+        class_rows = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
+        for b, (block, (kv, lengths, weights)) in enumerate(zip(blocks, self._block_inputs("image", dtype))):
+            name = f"fastdpl/image/block{b}"
+            with nvtx_range(name):
+                keep = class_rows if b == len(blocks) - 1 and "last_block_rows" in self._savings else None
+                x = prompted_block(block, x, kv, lengths, weights, False, self.impl, keep_rows=keep, name=name)
+        return image_head(visual, x[:, 0])
+
+    def _text_trainables(self):
+        return [p for k, p in self.prompts.items() if k.startswith("text_")] + \
+            ([self.arch_logits["text"]] if "text" in self.arch_logits else [])
+
+    def _encode_text_chunk(self, tokens, end_of_text, length, block_inputs):
+        x = text_embeddings(self.model, tokens[:, :length])
+        blocks = self._parts["text"].blocks
+        for b, (block, (kv, lengths, weights)) in enumerate(zip(blocks, block_inputs)):
+            name = f"fastdpl/text/block{b}"
+            with nvtx_range(name):
+                keep = end_of_text if b == len(blocks) - 1 and "last_block_rows" in self._savings else None
+                x = prompted_block(block, x, kv, lengths, weights, True, self.impl, keep_rows=keep, name=name)
+        if "last_block_rows" not in self._savings:
+            x = x[torch.arange(x.shape[0], device=x.device), end_of_text].unsqueeze(1)
+        return text_head(self.model, x[:, 0])
+
+    def encode_text(self) -> torch.Tensor:
+        """Text features of the class texts (num_classes, embed_dim), unnormalised.
+
+        Cached in eval mode when nothing in the text tower needs a gradient (the cache
+        follows in-place updates of the text prompts and logits).
+        """
+        trainables = self._text_trainables()
+        cacheable = (not self.training and not torch.compiler.is_compiling()
+                     and not (torch.is_grad_enabled() and any(p.requires_grad for p in trainables)))
+        if cacheable:
+            key = (self.impl, self.class_tokens.device, tuple((id(p), p._version) for p in trainables))
+            if self._text_cache is not None and self._text_cache[0] == key:
+                return self._text_cache[1]
+        dtype = text_module(self.model).token_embedding.weight.dtype
+        block_inputs = self._block_inputs("text", dtype)
+        chunk = self.text_chunk_size or self.num_classes
+        features = []
+        for start in range(0, self.num_classes, chunk):
+            tokens = self.class_tokens[start:start + chunk]
+            eot = self.end_of_text[start:start + chunk]
+            length = max(self._end_of_text_list[start:start + chunk]) + 1  # truncate per chunk
+            if "truncate_text" not in self._savings:
+                length = tokens.shape[1]
+            if self.text_chunk_size is not None and torch.is_grad_enabled():
+                features.append(checkpoint(self._encode_text_chunk, tokens, eot, length, block_inputs,
+                                           use_reentrant=False))
+            else:
+                features.append(self._encode_text_chunk(tokens, eot, length, block_inputs))
+        features = torch.cat(features) if len(features) > 1 else features[0]
+        if cacheable:
+            self._text_cache = (key, features.detach())
+        return features
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """CLIP logits (B, num_classes): logit_scale * cos(image feature, class text feature)."""
+        image_features = F.normalize(self.encode_image(images), dim=-1)
+        with nvtx_range("fastdpl/text"):
+            text_features = F.normalize(self.encode_text(), dim=-1)
+        logits = self.model.logit_scale.exp() * image_features @ text_features.T
+        bias = getattr(self.model, "logit_bias", None)
+        return logits + bias if bias is not None else logits
+
+    def train(self, mode: bool = True):
+        self._text_cache = None
+        return super().train(mode)
+
+    # ---- small state dict: prompts and alpha only ----------------------------------------------------
+    def backbone_signature(self) -> dict:
+        """What a saved prompt state must match: tower depths, widths and heads."""
+        return {t: {"blocks": len(p.blocks), "width": p.width, "heads": p.heads} for t, p in self._parts.items()}
+
+    def prompt_state_dict(self) -> dict:
+        return {
+            "format": STATE_FORMAT,
+            "mode": self.mode,
+            "candidate_lengths": list(self.candidate_lengths) if self.candidate_lengths else None,
+            "config": self.config.to_dict() if self.config else None,
+            "towers": list(self.prompted),
+            "backbone": self.backbone_signature(),
+            "prompts": {k: v.detach().clone() for k, v in self.prompts.items()},
+            "arch_logits": {k: v.detach().clone() for k, v in self.arch_logits.items()},
+        }
+
+    def load_prompt_state_dict(self, state: dict) -> None:
+        """Load prompts and alpha saved by prompt_state_dict; a mismatch is a ValueError naming it."""
+        if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
+            raise ValueError(f"not a fastdpl prompt state (format {STATE_FORMAT!r})")
+        if state["backbone"] != self.backbone_signature():
+            raise ValueError(f"backbone mismatch: the prompts were saved for {state['backbone']}, "
+                             f"this model is {self.backbone_signature()}")
+        mine = self.prompt_state_dict()
+        for field in ("mode", "candidate_lengths", "config", "towers"):
+            if state[field] != mine[field]:
+                raise ValueError(f"{field} mismatch: saved {state[field]!r}, this module has {mine[field]!r}")
+        for group, params in (("prompts", self.prompts), ("arch_logits", self.arch_logits)):
+            if set(state[group]) != set(params):
+                raise ValueError(f"{group}: saved keys {sorted(state[group])} != {sorted(params)}")
+            for key, value in state[group].items():
+                if tuple(value.shape) != tuple(params[key].shape):
+                    raise ValueError(f"{group}[{key!r}]: saved shape {tuple(value.shape)} != "
+                                     f"{tuple(params[key].shape)}")
+        with torch.no_grad():
+            for group, params in (("prompts", self.prompts), ("arch_logits", self.arch_logits)):
+                for key, value in state[group].items():
+                    params[key].copy_(value)
+        self._text_cache = None
+
+    def extra_repr(self) -> str:
+        what = f"candidate_lengths={list(self.candidate_lengths)}" if self.mode == "search" else "config=fixed"
+        return f"mode={self.mode}, {what}, towers={list(self.prompted)}, classes={self.num_classes}, impl={self.impl}"
