@@ -93,3 +93,31 @@ def test_pytest_benchmark_suite_runs(tmp_path):
          "--benchmark-disable"], capture_output=True, text=True, env=env, timeout=600, cwd=tmp_path)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert " passed" in result.stdout
+
+
+def test_step_runner_writes_json(tmp_path):
+    from fastdpl.bench import step
+
+    out = tmp_path / "step.json"
+    step.run(device="cpu", smoke=True, impl="eager", out=out, echo=lambda *_: None)
+    saved = json.loads(out.read_text())
+    rows = {r["provider"]: r for r in saved["rows"]}
+    assert set(rows) == {"search", "single_path", "literal"}
+    for row in rows.values():
+        assert row["median_ms"] > 0
+    assert rows["single_path"]["vs_single_path"] == 1.0
+    assert rows["literal"]["literal_over_this"] == 1.0
+
+
+def test_step_providers_compute_the_same_supernet():
+    """The search and literal providers differentiate the same logits (else the ratio means nothing)."""
+    from fastdpl.bench import step
+    from fastdpl.literal import literal_logits
+
+    model = step.build_model("tiny", "cpu")
+    shape = step.SMOKE_SHAPES[0]
+    calls = step.providers(model, shape, "eager")
+    images = torch.randn(shape.batch, 3, 32, 32)
+    search_grads, literal_grads = calls["search"](images), calls["literal"](images)
+    for a, b in zip(search_grads, literal_grads):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-6)

@@ -17,16 +17,14 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
 import os
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import torch
 
 from fastdpl.ops import mixture_prefix_attention, triton_available
 from . import peers
-from .timing import environment, peak_memory_mb, summarize, time_interleaved
+from .timing import environment, peak_memory_mb, summarize, time_interleaved, write_result
 
 
 @dataclass(frozen=True)
@@ -183,12 +181,7 @@ def run(device=None, dtype=None, shapes=None, repeats=None, warmup=2, out=None, 
         result["rows"] += bench_shape(shape, dtype, device, repeats, warmup=1 if smoke else warmup)
     echo(format_table(result["rows"]))
     if out is not None:
-        out = Path(out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_suffix(out.suffix + ".tmp")
-        tmp.write_text(json.dumps(result, indent=1))
-        tmp.replace(out)  # atomic: a reader never sees half a file
-        echo(f"wrote {out}")
+        echo(f"wrote {write_result(result, out)}")
     return result
 
 

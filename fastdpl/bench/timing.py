@@ -10,6 +10,7 @@ an error, never a data point.
 from __future__ import annotations
 
 import datetime
+import json
 import importlib.metadata
 import platform
 import statistics
@@ -109,3 +110,13 @@ def time_interleaved(calls: dict[str, Callable[[int], object]], device: torch.de
         for name, call in calls.items():
             samples[name].append(_time_once_ms(lambda: call(r), device))
     return samples
+
+
+def write_result(result: dict, out) -> Path:
+    """Write a result JSON atomically (temporary file, then rename): never half a file."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(out.suffix + ".tmp")
+    tmp.write_text(json.dumps(result, indent=1))
+    tmp.replace(out)
+    return out

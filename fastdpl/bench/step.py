@@ -1,0 +1,187 @@
+"""Benchmark of one DPL optimisation step (fastdpl bench step).
+
+A step is the forward and backward of the CLIP logits of an image batch against
+all class texts (cross-entropy; gradients of the prompts and, in search mode,
+the architecture logits). Providers, timed interleaved in one run:
+
+* ``search``: FastDPLPrompt in search mode (candidate lengths 0..6, both towers);
+* ``single_path``: FastDPLPrompt in fixed mode with every block at the largest
+  length, i.e. one prompted model: the cost the supernet should approach;
+* ``literal``: the authors'-style supernet (fastdpl.literal): one full
+  nn.MultiheadAttention per candidate, untruncated text.
+
+Reported: median and interquartile range, peak memory (CUDA), and the ratios
+search / single_path and literal / search.
+"""
+from __future__ import annotations
+
+import argparse
+import functools
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+
+from fastdpl.config import PromptConfig
+from fastdpl.literal import literal_logits
+from fastdpl.prompt import FastDPLPrompt
+from .timing import environment, peak_memory_mb, summarize, time_interleaved, write_result
+
+
+@dataclass(frozen=True)
+class StepShape:
+    name: str
+    model: str
+    batch: int
+    classes: int
+    lengths: tuple = tuple(range(7))
+
+
+GPU_SHAPES = [
+    StepShape("b4-100cls", "ViT-B-16", 4, 100),
+    StepShape("b32-100cls", "ViT-B-16", 32, 100),
+    StepShape("b4-1000cls", "ViT-B-16", 4, 1000),
+    StepShape("b32-1000cls", "ViT-B-16", 32, 1000),
+]
+CPU_SHAPES = [StepShape("b8-10cls", "ViT-B-16", 8, 10)]
+SMOKE_SHAPES = [StepShape("smoke", "tiny", 2, 3, (0, 1, 2))]
+
+
+def build_model(name: str, device):
+    """open_clip model with random weights (no download); "tiny" is a 3-block test config."""
+    import open_clip
+
+    torch.manual_seed(0)
+    if name == "tiny":
+        from open_clip.model import CLIPTextCfg, CLIPVisionCfg
+
+        model = open_clip.CLIP(embed_dim=32,
+                               vision_cfg=CLIPVisionCfg(image_size=32, patch_size=8, width=64, head_width=16,
+                                                        layers=3),
+                               text_cfg=CLIPTextCfg(context_length=77, vocab_size=49408, width=48, heads=3, layers=3))
+    else:
+        model = open_clip.create_model(name, pretrained=None)
+    return model.to(device).eval()
+
+
+def classnames(count: int) -> list[str]:
+    words = ["red", "small", "striped", "wooden", "flying", "old", "golden", "spotted", "tall", "round"]
+    return [f"{words[i % len(words)]} object {i}" for i in range(count)]
+
+
+def step_fn(logits_fn, params, labels):
+    def run(images):
+        logits = logits_fn(images)
+        loss = F.cross_entropy(logits, labels)
+        return torch.autograd.grad(loss, params)
+    return run
+
+
+def providers(model, shape: StepShape, impl: str):
+    names = classnames(shape.classes)
+    search = FastDPLPrompt(model, names, candidate_lengths=shape.lengths, impl=impl).train()
+    blocks = {t: len(search._parts[t].blocks) for t in ("image", "text")}
+    single = FastDPLPrompt(model, names, mode="fixed", impl=impl,
+                           config=PromptConfig.uniform(max(shape.lengths), blocks["image"], blocks)).train()
+    device = next(model.parameters()).device
+    labels = torch.arange(shape.batch, device=device) % shape.classes
+    search_params = search.arch_parameters() + search.prompt_parameters()
+    return {
+        "search": step_fn(search, search_params, labels),
+        "single_path": step_fn(single, single.prompt_parameters(), labels),
+        "literal": step_fn(functools.partial(literal_logits, search), search_params, labels),
+    }
+
+
+def bench_shape(shape: StepShape, device, dtype, impl, repeats, warmup):
+    model = build_model(shape.model, device).to(dtype)
+    image_size = model.visual.image_size[0]
+    gen = torch.Generator().manual_seed(0)
+    image_sets = [torch.randn(shape.batch, 3, image_size, image_size, generator=gen).to(device, dtype)
+                  for _ in range(2)]
+    rows, calls = [], {}
+    for name, fn in providers(model, shape, impl).items():
+        call = functools.partial(lambda fn, i: fn(image_sets[i % len(image_sets)]), fn)
+        try:
+            call(0)
+        except Exception as exc:  # noqa: BLE001 - e.g. out of memory for the literal supernet
+            rows.append(dict(shape=shape.name, provider=name, error=f"{type(exc).__name__}: {str(exc)[:200]}"))
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            continue
+        calls[name] = call
+    samples = time_interleaved(calls, device, repeats, warmup)
+    for name, times in samples.items():
+        rows.append(dict(shape=shape.name, provider=name, **summarize(times),
+                         peak_memory_mb=peak_memory_mb(lambda: calls[name](0), device)))
+    timed = {r["provider"]: r for r in rows if "median_ms" in r}
+    for r in timed.values():
+        r["vs_single_path"] = r["median_ms"] / timed["single_path"]["median_ms"] if "single_path" in timed else None
+        r["literal_over_this"] = timed["literal"]["median_ms"] / r["median_ms"] if "literal" in timed else None
+        single_mem = timed.get("single_path", {}).get("peak_memory_mb")
+        r["memory_vs_single_path"] = (r["peak_memory_mb"] / single_mem) if single_mem and r["peak_memory_mb"] else None
+    return rows
+
+
+def format_table(rows) -> str:
+    header = f"{'shape':<12} {'provider':<12} {'median ms':>11} {'IQR ms':>21} {'peak MB':>9} {'x single':>9} " \
+             f"{'mem x single':>13} {'literal/this':>13}"
+    lines = [header, "-" * len(header)]
+    fmt = lambda x, spec=".2f": "-" if x is None else format(x, spec)  # noqa: E731
+    for r in rows:
+        if "error" in r:
+            lines.append(f"{r['shape']:<12} {r['provider']:<12} unavailable: {r['error']}")
+            continue
+        lines.append(f"{r['shape']:<12} {r['provider']:<12} {r['median_ms']:>11.1f} "
+                     f"{r['q1_ms']:>10.1f}-{r['q3_ms']:<10.1f} {fmt(r['peak_memory_mb'], '.0f'):>9} "
+                     f"{fmt(r['vs_single_path']):>9} {fmt(r['memory_vs_single_path']):>13} "
+                     f"{fmt(r['literal_over_this']):>13}")
+    return "\n".join(lines)
+
+
+def run(device=None, dtype=torch.float32, shapes=None, impl="auto", repeats=None, warmup=1, out=None,
+        smoke=False, echo=print):
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if shapes is None:
+        shapes = SMOKE_SHAPES if smoke else (GPU_SHAPES if device.type == "cuda" else CPU_SHAPES)
+    repeats = repeats or (2 if smoke else (20 if device.type == "cuda" else 5))
+    result = {"benchmark": "step", "environment": environment(device), "dtype": str(dtype).replace("torch.", ""),
+              "impl": impl, "shapes": [asdict(s) for s in shapes], "rows": []}
+    for shape in shapes:
+        echo(f"# {shape.name}: {shape.model}, image batch {shape.batch}, {shape.classes} classes, "
+             f"lengths {list(shape.lengths)}")
+        result["rows"] += bench_shape(shape, device, dtype, impl, repeats, warmup)
+    echo(format_table(result["rows"]))
+    if out is not None:
+        echo(f"wrote {write_result(result, out)}")
+    return result
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="fastdpl bench step", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", default=None)
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--impl", default="auto", choices=["auto", "eager", "triton", "reference"])
+    parser.add_argument("--shapes", default=None, help="comma-separated shape names; see --list")
+    parser.add_argument("--repeats", type=int, default=None)
+    parser.add_argument("--out", default="bench-out/step.json")
+    parser.add_argument("--smoke", action="store_true", help="a tiny model: checks the runner works")
+    parser.add_argument("--list", action="store_true")
+    args = parser.parse_args(argv)
+    known = {s.name: s for s in GPU_SHAPES + CPU_SHAPES + SMOKE_SHAPES}
+    if args.list:
+        print("\n".join(f"{name}: {s}" for name, s in known.items()))
+        return 0
+    shapes = None
+    if args.shapes:
+        unknown = [n for n in args.shapes.split(",") if n not in known]
+        if unknown:
+            parser.error(f"--shapes: unknown {unknown}; known: {sorted(known)}")
+        shapes = [known[n] for n in args.shapes.split(",")]
+    run(device=args.device, dtype=getattr(torch, args.dtype), shapes=shapes, impl=args.impl,
+        repeats=args.repeats, out=args.out, smoke=args.smoke)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
