@@ -157,16 +157,9 @@ def design_backward64(tensors, grad_out, case: Case, out):
 
 def tiny_clip(seed: int = 0, **text_overrides):
     """A small open_clip CLIP with random weights (no download): ViT 32px/8px patches, 3 blocks each."""
-    import open_clip
-    from open_clip.model import CLIPTextCfg, CLIPVisionCfg
+    from fastdpl.bench.step import tiny_clip as build
 
-    torch.manual_seed(seed)
-    text_cfg = dict(context_length=77, vocab_size=49408, width=48, heads=3, layers=3)
-    text_cfg.update(text_overrides)
-    model = open_clip.CLIP(embed_dim=32,
-                           vision_cfg=CLIPVisionCfg(image_size=32, patch_size=8, width=64, head_width=16, layers=3),
-                           text_cfg=CLIPTextCfg(**text_cfg))
-    return model.eval()
+    return build(seed, **text_overrides)
 
 
 CLASSNAMES = ["cat", "golden_retriever", "sea lion", "airplane", "a very long class name with many words"]

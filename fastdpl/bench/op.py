@@ -24,7 +24,9 @@ import torch
 
 from fastdpl.ops import mixture_prefix_attention, triton_available
 from . import peers
-from .timing import environment, peak_memory_mb, summarize, time_interleaved, write_result
+from .timing import (
+    add_common_arguments, environment, parse_shapes, peak_memory_mb, summarize, time_interleaved, write_result,
+)
 
 
 @dataclass(frozen=True)
@@ -187,26 +189,11 @@ def run(device=None, dtype=None, shapes=None, repeats=None, warmup=2, out=None, 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="fastdpl bench op", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    add_common_arguments(parser, default_out="bench-out/op.json")
     parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                         help="default: bfloat16 on CUDA, float32 on CPU")
-    parser.add_argument("--shapes", default=None,
-                        help="comma-separated shape names (default: the device's set); see --list")
-    parser.add_argument("--repeats", type=int, default=None, help="timed calls per provider")
-    parser.add_argument("--out", default="bench-out/op.json", help="JSON results path")
-    parser.add_argument("--smoke", action="store_true", help="tiny shapes, two repeats: checks the runner works")
-    parser.add_argument("--list", action="store_true", help="list the shape names and exit")
     args = parser.parse_args(argv)
-    known = {s.name: s for s in GPU_SHAPES + CPU_SHAPES + SMOKE_SHAPES}
-    if args.list:
-        print("\n".join(f"{name}: {s}" for name, s in known.items()))
-        return 0
-    shapes = None
-    if args.shapes:
-        unknown = [name for name in args.shapes.split(",") if name not in known]
-        if unknown:
-            parser.error(f"--shapes: unknown {unknown}; known: {sorted(known)}")
-        shapes = [known[name] for name in args.shapes.split(",")]
+    shapes = parse_shapes(parser, args, GPU_SHAPES + CPU_SHAPES + SMOKE_SHAPES)
     dtype = getattr(torch, args.dtype) if args.dtype else None
     run(device=args.device, dtype=dtype, shapes=shapes, repeats=args.repeats, out=args.out, smoke=args.smoke)
     return 0

@@ -25,7 +25,9 @@ import torch.nn.functional as F
 from fastdpl.config import PromptConfig
 from fastdpl.literal import literal_logits
 from fastdpl.prompt import FastDPLPrompt
-from .timing import environment, peak_memory_mb, summarize, time_interleaved, write_result
+from .timing import (
+    add_common_arguments, environment, parse_shapes, peak_memory_mb, summarize, time_interleaved, write_result,
+)
 
 
 @dataclass(frozen=True)
@@ -47,20 +49,24 @@ CPU_SHAPES = [StepShape("b8-10cls", "ViT-B-16", 8, 10)]
 SMOKE_SHAPES = [StepShape("smoke", "tiny", 2, 3, (0, 1, 2))]
 
 
+def tiny_clip(seed: int = 0, **text_overrides):
+    """A 3-block open_clip CLIP with random weights (32 px images, 8 px patches): tests and smoke runs."""
+    import open_clip
+    from open_clip.model import CLIPTextCfg, CLIPVisionCfg
+
+    torch.manual_seed(seed)
+    text_cfg = dict(context_length=77, vocab_size=49408, width=48, heads=3, layers=3)
+    text_cfg.update(text_overrides)
+    vision_cfg = CLIPVisionCfg(image_size=32, patch_size=8, width=64, head_width=16, layers=3)
+    return open_clip.CLIP(embed_dim=32, vision_cfg=vision_cfg, text_cfg=CLIPTextCfg(**text_cfg)).eval()
+
+
 def build_model(name: str, device):
-    """open_clip model with random weights (no download); "tiny" is a 3-block test config."""
+    """open_clip model with random weights (no download); "tiny" is tiny_clip()."""
     import open_clip
 
     torch.manual_seed(0)
-    if name == "tiny":
-        from open_clip.model import CLIPTextCfg, CLIPVisionCfg
-
-        model = open_clip.CLIP(embed_dim=32,
-                               vision_cfg=CLIPVisionCfg(image_size=32, patch_size=8, width=64, head_width=16,
-                                                        layers=3),
-                               text_cfg=CLIPTextCfg(context_length=77, vocab_size=49408, width=48, heads=3, layers=3))
-    else:
-        model = open_clip.create_model(name, pretrained=None)
+    model = tiny_clip() if name == "tiny" else open_clip.create_model(name, pretrained=None)
     return model.to(device).eval()
 
 
@@ -159,25 +165,11 @@ def run(device=None, dtype=torch.float32, shapes=None, impl="auto", repeats=None
 
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="fastdpl bench step", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--device", default=None)
+    add_common_arguments(parser, default_out="bench-out/step.json")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--impl", default="auto", choices=["auto", "eager", "triton", "reference"])
-    parser.add_argument("--shapes", default=None, help="comma-separated shape names; see --list")
-    parser.add_argument("--repeats", type=int, default=None)
-    parser.add_argument("--out", default="bench-out/step.json")
-    parser.add_argument("--smoke", action="store_true", help="a tiny model: checks the runner works")
-    parser.add_argument("--list", action="store_true")
     args = parser.parse_args(argv)
-    known = {s.name: s for s in GPU_SHAPES + CPU_SHAPES + SMOKE_SHAPES}
-    if args.list:
-        print("\n".join(f"{name}: {s}" for name, s in known.items()))
-        return 0
-    shapes = None
-    if args.shapes:
-        unknown = [n for n in args.shapes.split(",") if n not in known]
-        if unknown:
-            parser.error(f"--shapes: unknown {unknown}; known: {sorted(known)}")
-        shapes = [known[n] for n in args.shapes.split(",")]
+    shapes = parse_shapes(parser, args, GPU_SHAPES + CPU_SHAPES + SMOKE_SHAPES)
     run(device=args.device, dtype=getattr(torch, args.dtype), shapes=shapes, impl=args.impl,
         repeats=args.repeats, out=args.out, smoke=args.smoke)
     return 0

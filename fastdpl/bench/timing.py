@@ -120,3 +120,28 @@ def write_result(result: dict, out) -> Path:
     tmp.write_text(json.dumps(result, indent=1))
     tmp.replace(out)
     return out
+
+
+def add_common_arguments(parser, default_out: str) -> None:
+    """The options every benchmark runner shares."""
+    parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    parser.add_argument("--shapes", default=None,
+                        help="comma-separated shape names (default: the device's set); see --list")
+    parser.add_argument("--repeats", type=int, default=None, help="timed calls per provider")
+    parser.add_argument("--out", default=default_out, help="JSON results path")
+    parser.add_argument("--smoke", action="store_true", help="tiny shapes, two repeats: checks the runner works")
+    parser.add_argument("--list", action="store_true", help="list the shape names and exit")
+
+
+def parse_shapes(parser, args, shapes: list):
+    """Shapes named by --shapes (None: the runner's default); prints them and exits for --list."""
+    known = {s.name: s for s in shapes}
+    if args.list:
+        print("\n".join(f"{name}: {s}" for name, s in known.items()))
+        raise SystemExit(0)
+    if not args.shapes:
+        return None
+    unknown = [name for name in args.shapes.split(",") if name not in known]
+    if unknown:
+        parser.error(f"--shapes: unknown {unknown}; known: {sorted(known)}")
+    return [known[name] for name in args.shapes.split(",")]
