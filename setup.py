@@ -13,6 +13,7 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["fastdpl", "fastdpl.*"]),
+    package_data={"fastdpl": ["assets/*.pt"]},  # the built-in tiny CLIP for `fastdpl demo`
     install_requires=[
         "torch>=2.5",
         "triton>=3.1",
@@ -20,6 +21,12 @@ setup(
         "xformers>=0.0.28",
         "nvtx>=0.2.10",
         "numpy>=1.24",
+        "pillow>=10.1",
+        "tqdm>=4.60",
+        "pyyaml>=6",
+        "scipy>=1.10",
+        "scikit-learn>=1.3",
+        "matplotlib>=3.7",
     ],
     extras_require={
         "test": ["pytest>=8", "pytest-benchmark>=4"],

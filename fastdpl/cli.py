@@ -1,12 +1,44 @@
 """The `fastdpl` command line.
 
-    fastdpl bench [op] [options]     benchmark the fused op against its peers
-    fastdpl bench step [options]     benchmark one DPL step: search vs single path vs literal supernet
+    fastdpl demo                      offline demo: zero-shot, uniform baseline, DPL search + train (tiny CLIP, digits)
+    fastdpl zeroshot|search|train|eval [--config run.yaml] [--dataset NAME --root DIR ...]
+    fastdpl report RUN_DIRS... --out results/summary
+    fastdpl check-data --dataset NAME --root DIR
+    fastdpl bench [op|step] [options]  benchmarks
+
+Every setting of the stages is a flag (``fastdpl search --help``); defaults are
+the paper's. Under ``torchrun --nproc_per_node N`` the stages run data parallel.
 """
 from __future__ import annotations
 
 import argparse
 import sys
+
+STAGES = ("zeroshot", "search", "train", "eval")
+
+
+def _stage_parsers(sub) -> None:
+    from .pipeline.config import add_config_arguments
+
+    helps = {"zeroshot": "evaluate zero-shot CLIP", "search": "DPL search stage (supernet): alpha and prompts",
+             "train": "train a fixed configuration (DPL's or a baseline) and evaluate it",
+             "eval": "evaluate saved prompts (cross-dataset, domain shift, base/new)"}
+    for stage in STAGES:
+        parser = sub.add_parser(stage, help=helps[stage])
+        add_config_arguments(parser)
+        if stage == "eval":
+            parser.add_argument("--prompts", help="prompts file (default: <output>/train/prompts.pt)")
+    demo = sub.add_parser("demo", help="offline demo on the built-in tiny CLIP and digits")
+    demo.add_argument("--output", default="runs/demo")
+    demo.add_argument("--no-progress", action="store_true")
+    report = sub.add_parser("report", help="mean ± 95%% CI tables over many runs (markdown and CSV)")
+    report.add_argument("runs", nargs="+", help="run folders or results.json files")
+    report.add_argument("--out", default="report", help="output path without suffix (writes .md and .csv)")
+    check = sub.add_parser("check-data", help="validate a dataset root")
+    check.add_argument("--dataset", required=True)
+    check.add_argument("--root")
+    check.add_argument("--shots", type=int, default=16)
+    check.add_argument("--no-images", action="store_true", help="skip opening every image")
 
 
 def main(argv=None) -> int:
@@ -16,12 +48,50 @@ def main(argv=None) -> int:
     bench = sub.add_parser("bench", help="benchmarks (fastdpl bench op --help, fastdpl bench step --help)",
                            add_help=False)
     bench.add_argument("suite", nargs="?", default="op", choices=["op", "step"])
-    args, rest = parser.parse_known_args(argv)
-    if args.command == "bench":
+    _stage_parsers(sub)
+    if argv[:1] == ["bench"]:
+        args, rest = parser.parse_known_args(argv)
         import importlib
 
         return importlib.import_module(f"fastdpl.bench.{args.suite}").main(rest)
-    return 2
+    args = parser.parse_args(argv)
+    try:
+        return _run(args)
+    except (ValueError, FileNotFoundError, FileExistsError, RuntimeError) as exc:
+        print(f"fastdpl {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+def _run(args) -> int:
+    if args.command in STAGES:
+        from .pipeline import stages
+        from .pipeline.config import resolve_config
+
+        cfg = resolve_config(args)
+        if args.command == "eval":
+            stages.run_eval(cfg, prompts=args.prompts)
+        else:
+            getattr(stages, f"run_{args.command}")(cfg)
+        return 0
+    if args.command == "demo":
+        from .pipeline.demo import demo_config, run_demo
+
+        run_demo(demo_config(output=args.output, progress=not args.no_progress))
+        return 0
+    if args.command == "report":
+        from .pipeline.report import report
+
+        md, csv_path = report(args.runs, args.out)
+        print(f"wrote {md} and {csv_path}")
+        return 0
+    from .data.check import check_dataset
+
+    lines, problems = check_dataset(args.dataset, args.root, args.shots, open_images=not args.no_images, progress=True)
+    print("\n".join(lines))
+    for problem in problems:
+        print(f"PROBLEM: {problem}")
+    print("OK" if not problems else f"{len(problems)} problem(s): fix them and run check-data again")
+    return 0 if not problems else 1
 
 
 if __name__ == "__main__":

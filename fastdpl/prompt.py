@@ -286,27 +286,35 @@ class FastDPLPrompt(nn.Module):
             x = x[torch.arange(x.shape[0], device=x.device), end_of_text].unsqueeze(1)
         return text_head(self.model, x[:, 0])
 
-    def encode_text(self) -> torch.Tensor:
+    def encode_text(self, classes: slice | None = None) -> torch.Tensor:
         """Text features of the class texts (num_classes, embed_dim), unnormalised.
 
+        ``classes``: a contiguous slice of the classes to encode (for example one
+        rank's share when the class texts are split across processes).
         Cached in eval mode when nothing in the text tower needs a gradient (the cache
         follows in-place updates of the text prompts and logits).
         """
+        if classes is not None and (not isinstance(classes, slice) or classes.step not in (None, 1)):
+            raise ValueError(f"classes must be a contiguous slice, got {classes!r}")
+        lo, hi, _ = (classes or slice(None)).indices(self.num_classes)
+        if hi <= lo:
+            raise ValueError(f"classes={classes!r} selects no class of {self.num_classes}")
         trainables = self._text_trainables()
         cacheable = (not self.training and not torch.compiler.is_compiling()
                      and not (torch.is_grad_enabled() and any(p.requires_grad for p in trainables)))
         if cacheable:
-            key = (self.impl, self.class_tokens.device, tuple((id(p), p._version) for p in trainables))
+            key = (self.impl, lo, hi, self.class_tokens.device, tuple((id(p), p._version) for p in trainables))
             if self._text_cache is not None and self._text_cache[0] == key:
                 return self._text_cache[1]
         dtype = text_module(self.model).token_embedding.weight.dtype
         block_inputs = self._block_inputs("text", dtype)
-        chunk = self.text_chunk_size or self.num_classes
+        chunk = self.text_chunk_size or (hi - lo)
         features = []
-        for start in range(0, self.num_classes, chunk):
-            tokens = self.class_tokens[start:start + chunk]
-            eot = self.end_of_text[start:start + chunk]
-            length = max(self._end_of_text_list[start:start + chunk]) + 1  # truncate per chunk
+        for start in range(lo, hi, chunk):
+            stop = min(start + chunk, hi)
+            tokens = self.class_tokens[start:stop]
+            eot = self.end_of_text[start:stop]
+            length = max(self._end_of_text_list[start:stop]) + 1  # truncate per chunk
             if "truncate_text" not in self._savings:
                 length = tokens.shape[1]
             if self.text_chunk_size is not None and torch.is_grad_enabled():
@@ -321,10 +329,15 @@ class FastDPLPrompt(nn.Module):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """CLIP logits (B, num_classes): logit_scale * cos(image feature, class text feature)."""
-        image_features = F.normalize(self.encode_image(images), dim=-1)
+        image_features = self.encode_image(images)
         with nvtx_range("fastdpl/text"):
-            text_features = F.normalize(self.encode_text(), dim=-1)
-        logits = self.model.logit_scale.exp() * image_features @ text_features.T
+            text_features = self.encode_text()
+        return self.logits(image_features, text_features)
+
+    def logits(self, image_features: torch.Tensor, text_features: torch.Tensor) -> torch.Tensor:
+        """CLIP's head: logit_scale * cos(image, text) (+ logit_bias where the model has one)."""
+        logits = self.model.logit_scale.exp() * F.normalize(image_features, dim=-1) @ \
+            F.normalize(text_features, dim=-1).T
         bias = getattr(self.model, "logit_bias", None)
         return logits + bias if bias is not None else logits
 

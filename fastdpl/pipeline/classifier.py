@@ -1,0 +1,53 @@
+"""The trainable classifier the stages optimise, with the class texts split across ranks.
+
+Under torchrun every rank encodes the image batch it holds and only its share
+of the class texts (ceil(C / W) classes); the text features are all-gathered
+*with gradients* (torch.distributed.nn.functional.all_gather: its backward sums
+every rank's gradient for a rank's share back onto that rank), so rank r's text
+prompts receive d(sum of all ranks' losses)/d(its share). DistributedDataParallel
+then averages the prompt and alpha gradients over ranks: the gradient of the
+mean loss over the global batch, as on one process with the whole batch.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..prompt import FastDPLPrompt
+from .runtime import Dist
+
+
+class ShardedTextClassifier(nn.Module):
+    def __init__(self, dpl: FastDPLPrompt, ranks: Dist):
+        super().__init__()
+        if ranks.world > dpl.num_classes:
+            raise ValueError(f"{ranks.world} ranks but only {dpl.num_classes} classes: every rank needs at "
+                             "least one class text (use fewer processes)")
+        self.dpl, self.ranks = dpl, ranks
+        self.share = math.ceil(dpl.num_classes / ranks.world)
+
+    def text_features(self) -> torch.Tensor:
+        if not self.ranks.enabled:
+            return self.dpl.encode_text()
+        from torch.distributed.nn.functional import all_gather
+
+        lo = self.ranks.rank * self.share
+        hi = min(lo + self.share, self.dpl.num_classes)
+        local = self.dpl.encode_text(slice(lo, hi))
+        local = F.pad(local, (0, 0, 0, self.share - local.shape[0]))  # all_gather needs equal shapes
+        return torch.cat(all_gather(local))[:self.dpl.num_classes]
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.dpl.logits(self.dpl.encode_image(images), self.text_features())
+
+
+def wrap(dpl: FastDPLPrompt, ranks: Dist, device: str) -> nn.Module:
+    """The module to call in training: DDP around the sharded classifier under torchrun, else the classifier."""
+    net = ShardedTextClassifier(dpl, ranks)
+    if not ranks.enabled:
+        return net
+    device_ids = [torch.device(device).index] if device.startswith("cuda") else None
+    return nn.parallel.DistributedDataParallel(net, device_ids=device_ids, broadcast_buffers=False)

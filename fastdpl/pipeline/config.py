@@ -1,0 +1,153 @@
+"""Run settings: defaults are the paper's (DESIGN.md section 1); a YAML file and the command line override them.
+
+Precedence: defaults < ``--config run.yaml`` < command-line flags (every field is
+a flag: ``--search-epochs 10``, ``--candidate-lengths 0,2,4``).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import typing
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+PRECISIONS = ("fp32", "bf16")
+
+
+@dataclass
+class RunConfig:
+    # data
+    dataset: str = "builtin:digits"
+    root: str | None = None
+    shots: int | None = 16
+    seed: int = 1
+    subsample: str = "all"  # all | base | new: the classes a stage trains on (base-to-new protocol)
+    split_cache: str | None = None  # where few-shot indices are cached (default: <output>/../splits)
+    workers: int = 2
+    crop_scale: list = field(default_factory=lambda: [0.08, 1.0])  # RandomResizedCrop scale range (training)
+    flip: bool = True  # random horizontal flips (training); off for text, digits
+    # model
+    model: str = "ViT-B-16"
+    pretrained: str | None = "openai"
+    template: str = "a photo of a {}."
+    impl: str = "auto"
+    device: str = "auto"
+    precision: str = "fp32"
+    text_chunk_size: int | None = None
+    # search stage
+    candidate_lengths: list = field(default_factory=lambda: list(range(7)))
+    search_towers: list = field(default_factory=lambda: ["image", "text"])
+    search_epochs: int = 80
+    arch_lr: float = 3.5e-3
+    arch_betas: list = field(default_factory=lambda: [0.5, 0.999])
+    arch_weight_decay: float = 0.0
+    init: str = "normal"
+    # both stages
+    batch_size: int = 4
+    lr: float = 3.5e-3
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    grad_clip: float | None = None  # max gradient norm per optimiser step (none in the paper)
+    warmup_epochs: int = 1
+    warmup_lr: float = 1e-5
+    # train stage
+    train_epochs: int = 40
+    prompt_config: str | None = None  # a PromptConfig JSON, or a preset: zero_shot | uniform:LENGTH:DEPTH
+    distill_weight: float = 0.0
+    distill_temperature: float = 1.0
+    # evaluation
+    eval_batch_size: int = 100
+    eval_datasets: list = field(default_factory=list)  # cross-dataset / domain shift, after the own test set
+    # bookkeeping
+    output: str = "runs/default"
+    resume: bool = False
+    progress: bool = True
+
+    def validate(self) -> "RunConfig":
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
+        for name in ("batch_size", "search_epochs", "train_epochs", "eval_batch_size"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ValueError(f"{name} must be a positive int, got {getattr(self, name)!r}")
+        if self.shots is not None and (not isinstance(self.shots, int) or self.shots < 1):
+            raise ValueError(f"shots must be a positive int or null (all images), got {self.shots!r}")
+        if self.warmup_epochs < 0:
+            raise ValueError(f"warmup_epochs must be >= 0, got {self.warmup_epochs}")
+        if self.distill_weight < 0:
+            raise ValueError(f"distill_weight must be >= 0, got {self.distill_weight}")
+        return self
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+_HINTS = typing.get_type_hints(RunConfig)
+
+
+def _parse_value(name: str, text: str):
+    """A command-line string as the field's type; lists are comma-separated, 'none' is None."""
+    hint = _HINTS[name]
+    if text.lower() in ("none", "null") and type(None) in typing.get_args(hint):
+        return None
+    base = next((a for a in typing.get_args(hint) if a is not type(None)), hint) if typing.get_args(hint) else hint
+    if base is bool:
+        if text.lower() not in ("true", "false", "1", "0", "yes", "no"):
+            raise argparse.ArgumentTypeError(f"--{name}: expected true/false, got {text!r}")
+        return text.lower() in ("true", "1", "yes")
+    if base is list or typing.get_origin(hint) is list:
+        items = [t for t in text.split(",") if t.strip()]
+        return [_number(t.strip()) for t in items]
+    try:
+        return base(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"--{name.replace('_', '-')}: expected {base.__name__}, got {text!r}") from exc
+
+
+def _number(text: str):
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
+
+
+def add_config_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", help="YAML file of settings (the command line overrides it)")
+    group = parser.add_argument_group("settings (defaults: the paper's)")
+    defaults = RunConfig()
+    for f in fields(RunConfig):
+        flag = "--" + f.name.replace("_", "-")
+        group.add_argument(flag, dest=f.name, default=argparse.SUPPRESS, metavar=f.name.upper(),
+                           type=lambda text, name=f.name: _parse_value(name, text),
+                           help=f"default: {getattr(defaults, f.name)!r}")
+
+
+def load_yaml(path: str | Path) -> dict:
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"--config: no such file {path}")
+    data = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a mapping of settings, got {type(data).__name__}")
+    known = {f.name for f in fields(RunConfig)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ValueError(f"{path}: unknown settings {unknown}; known: {sorted(known)}")
+    return data
+
+
+def resolve_config(args: argparse.Namespace, **overrides) -> RunConfig:
+    """Defaults, then the YAML file, then flags given on the command line, then ``overrides``."""
+    values = load_yaml(args.config) if getattr(args, "config", None) else {}
+    values.update({f.name: getattr(args, f.name) for f in fields(RunConfig) if hasattr(args, f.name)})
+    values.update(overrides)
+    return RunConfig(**values).validate()
+
+
+def save_yaml(config: RunConfig, path: Path) -> None:
+    import yaml
+
+    path.write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))

@@ -1,0 +1,89 @@
+"""Batches that depend only on (seed, epoch), never on the process or on what ran before.
+
+Every epoch's order is a permutation drawn from (seed, epoch), and every image's
+random augmentation is drawn from (seed, epoch, index). So a resumed run sees
+exactly the batches an uninterrupted run sees, and a torchrun job with W ranks
+and per-rank batch b sees exactly the global batches of one process with batch
+W*b: rank r takes rows [r*b, (r+1)*b) of each global batch.
+"""
+from __future__ import annotations
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from ..data.images import clip_transform, open_image
+from .runtime import Dist
+
+
+class SeededImages(Dataset):
+    """(image tensor, label); item ``(epoch, index)`` augments with a generator seeded by (seed, epoch, index)."""
+
+    def __init__(self, samples, image_size: int, train: bool, seed: int, crop_scale=(0.08, 1.0), flip=True):
+        self.samples = list(samples)
+        self.transform = clip_transform(image_size, train=train, crop_scale=crop_scale, flip=flip)
+        self.train, self.seed = train, seed
+
+    def __len__(self):
+        return len(self.samples)
+
+    def __getitem__(self, item):
+        epoch, index = item
+        sample = self.samples[index]
+        image = open_image(sample.image)
+        if not self.train:
+            return self.transform(image), sample.label
+        with torch.random.fork_rng(devices=[]):  # torchvision's random transforms draw from torch's global RNG
+            torch.manual_seed(hash((self.seed, epoch, index)) % 2**63)
+            return self.transform(image), sample.label
+
+
+class EpochBatches(torch.utils.data.Sampler):
+    """This rank's share of each global batch of one epoch, as lists of (epoch, index)."""
+
+    def __init__(self, size: int, batch_size: int, seed: int, ranks: Dist, shuffle: bool, drop_last: bool):
+        self.size, self.batch_size, self.seed, self.ranks = size, batch_size, seed, ranks
+        self.shuffle, self.drop_last = shuffle, drop_last
+        self.epoch, self.cycle = 0, 0
+
+    def set_epoch(self, epoch: int, cycle: int = 0) -> None:
+        self.epoch, self.cycle = epoch, cycle
+
+    def _order(self) -> list[int]:
+        if not self.shuffle:
+            return list(range(self.size))
+        generator = torch.Generator().manual_seed(hash((self.seed, self.epoch, self.cycle)) % 2**63)
+        return torch.randperm(self.size, generator=generator).tolist()
+
+    def __iter__(self):
+        order, step = self._order(), self.batch_size * self.ranks.world
+        for start in range(0, self.size, step):
+            batch = order[start:start + step]
+            if len(batch) < step and (self.drop_last or self.ranks.enabled):
+                return  # ranks must take equal shares
+            mine = batch[self.ranks.rank * self.batch_size:(self.ranks.rank + 1) * self.batch_size]
+            yield [(self.epoch, i) for i in mine]
+
+    def __len__(self):
+        step = self.batch_size * self.ranks.world
+        full = self.size // step
+        return full if (self.drop_last or self.ranks.enabled or self.size % step == 0) else full + 1
+
+
+def make_loader(samples, image_size: int, batch_size: int, seed: int, ranks: Dist, train: bool, workers: int,
+                shuffle: bool | None = None, crop_scale=(0.08, 1.0), flip=True):
+    """A DataLoader over ``samples``; call ``loader.batch_sampler.set_epoch(e)`` before each epoch."""
+    if not samples:
+        raise ValueError("no samples to load (is the split empty after few-shot sampling or subsampling?)")
+    dataset = SeededImages(samples, image_size, train=train, seed=seed, crop_scale=crop_scale, flip=flip)
+    sampler = EpochBatches(len(dataset), batch_size, seed, ranks, shuffle=train if shuffle is None else shuffle,
+                           drop_last=False)
+    return DataLoader(dataset, batch_sampler=sampler, num_workers=workers, persistent_workers=False)
+
+
+def cycle_batches(loader, epoch: int):
+    """Batches of ``loader`` forever, reshuffled on each pass (validation batches for the alpha steps)."""
+    cycle = 0
+    while True:
+        loader.batch_sampler.set_epoch(epoch, cycle)
+        yield from loader
+        cycle += 1

@@ -1,0 +1,413 @@
+"""The DPL stages: zero-shot, search (supernet), train (subnet), evaluation.
+
+Folder of a run (``--output``): ``search/`` (checkpoint.pt, alpha_history.json,
+prompt_config.json, prompts.pt, alpha_heatmap.png, alpha_evolution.png), ``train/``
+(checkpoint.pt, prompts.pt, results.json), ``zeroshot/`` and ``eval/``
+(results.json); each stage also writes the settings it ran with (run.yaml).
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from ..config import PromptConfig
+from ..data import fewshot_splits, load_dataset, subsample_classes
+from ..models import load_clip
+from ..profiling import nvtx_range
+from ..prompt import FastDPLPrompt
+from ..towers import image_parts, text_parts
+from .classifier import wrap
+from .config import RunConfig, save_yaml
+from .loaders import cycle_batches, make_loader
+from .runtime import (
+    Dist, all_reduce_mean, autocast, barrier, init_distributed, pick_device, rng_state, save_atomic,
+    seed_everything, set_rng_state, write_text_atomic,
+)
+
+# Prompt ensembling for the zero-shot teacher of distillation (CLIP's habit of averaging templates).
+TEACHER_TEMPLATES = ["a photo of a {}.", "a bad photo of a {}.", "a photo of the large {}.",
+                     "a photo of the small {}.", "a drawing of a {}.", "a close-up photo of a {}.",
+                     "itap of a {}.", "art of the {}."]
+
+
+@dataclass
+class Job:
+    cfg: RunConfig
+    ranks: Dist
+    device: str
+    model: torch.nn.Module
+    splits: object  # DatasetSplits after few-shot sampling and class subsampling
+    image_size: int
+
+    def out(self, stage: str) -> Path:
+        path = Path(self.cfg.output) / stage
+        if self.ranks.main:
+            path.mkdir(parents=True, exist_ok=True)
+        return path
+
+
+def prepare(cfg: RunConfig) -> Job:
+    device = pick_device(cfg.device)
+    ranks = init_distributed(device)
+    seed_everything(cfg.seed)
+    model = load_clip(cfg.model, cfg.pretrained, device=device)
+    cache = cfg.split_cache or str(Path(cfg.output).parent / "splits" / cfg.dataset.replace(":", "_").replace("/", "_"))
+    splits = subsample_classes(fewshot_splits(load_dataset(cfg.dataset, cfg.root), cfg.shots, cfg.seed,
+                                              cache_dir=cache if ranks.main else None), cfg.subsample)
+    size = model.visual.image_size
+    return Job(cfg, ranks, device, model, splits, size[0] if isinstance(size, (tuple, list)) else size)
+
+
+def build_dpl(job: Job, classnames, mode: str, config: PromptConfig | None = None) -> FastDPLPrompt:
+    cfg = job.cfg
+    common = dict(template=cfg.template, impl=cfg.impl, init=cfg.init, text_chunk_size=cfg.text_chunk_size,
+                  generator=torch.Generator().manual_seed(cfg.seed))
+    if mode == "search":
+        return FastDPLPrompt(job.model, classnames, mode="search", candidate_lengths=cfg.candidate_lengths,
+                             towers=cfg.search_towers, **common)
+    return FastDPLPrompt(job.model, classnames, mode="fixed", config=config, **common)
+
+
+def lr_factor(epoch: int, cfg: RunConfig, epochs: int) -> float:
+    """Constant warm-up (warmup_lr) for the first warmup_epochs, then cosine from lr over ``epochs`` (Dassl)."""
+    if epoch < cfg.warmup_epochs:
+        return cfg.warmup_lr / cfg.lr
+    return 0.5 * (1 + math.cos(math.pi * (epoch - cfg.warmup_epochs) / epochs))
+
+
+class Meter:
+    """Running loss, accuracy and throughput for a progress bar."""
+
+    def __init__(self):
+        self.loss = self.correct = self.seen = 0.0
+        self.start = time.perf_counter()
+
+    def update(self, loss: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor) -> None:
+        self.loss += loss.item() * len(labels)
+        self.correct += (logits.argmax(1) == labels).sum().item()
+        self.seen += len(labels)
+
+    def postfix(self, ranks: Dist) -> dict:
+        return {"loss": f"{self.loss / max(self.seen, 1):.3f}", "acc": f"{100 * self.correct / max(self.seen, 1):.1f}",
+                "img/s": f"{self.seen * ranks.world / (time.perf_counter() - self.start):.1f}"}
+
+    def summary(self) -> dict:
+        return {"loss": self.loss / max(self.seen, 1), "accuracy": self.correct / max(self.seen, 1)}
+
+
+def _train_loader(job: Job, samples, seed: int):
+    cfg = job.cfg
+    return make_loader(samples, job.image_size, cfg.batch_size, seed, job.ranks, True, cfg.workers,
+                       crop_scale=cfg.crop_scale, flip=cfg.flip)
+
+
+def _progress(iterable, job: Job, desc: str, total=None):
+    return tqdm(iterable, desc=desc, total=total, disable=not (job.cfg.progress and job.ranks.main),
+                leave=False, dynamic_ncols=True)
+
+
+def _loss_step(net, optimizer, images, labels, job: Job, extra_loss=None):
+    """One optimiser step on cross-entropy (+ extra_loss(logits, images)); returns (loss, logits)."""
+    images, labels = images.to(job.device, non_blocking=True), labels.to(job.device, non_blocking=True)
+    with nvtx_range("fastdpl/pipeline/forward"), autocast(job.device, job.cfg.precision):
+        logits = net(images)
+        loss = F.cross_entropy(logits.float(), labels)
+        if extra_loss is not None:
+            loss = loss + extra_loss(logits.float(), images)
+    with nvtx_range("fastdpl/pipeline/backward"):
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+    with nvtx_range("fastdpl/pipeline/optimizer"):
+        if job.cfg.grad_clip is not None:
+            params = [p for group in optimizer.param_groups for p in group["params"]]
+            torch.nn.utils.clip_grad_norm_(params, job.cfg.grad_clip)
+        optimizer.step()
+    return loss.detach(), logits.detach()
+
+
+# ---- checkpoints --------------------------------------------------------------------------------------
+def _checkpoint_path(out: Path) -> Path:
+    return out / "checkpoint.pt"
+
+
+def _start_epoch(job: Job, out: Path, dpl, optimizers: dict, scheduler) -> tuple[int, list]:
+    """Resume from out/checkpoint.pt with --resume; refuse to overwrite a run's checkpoint without it."""
+    path = _checkpoint_path(out)
+    if not path.is_file():
+        return 0, []
+    if not job.cfg.resume:
+        raise FileExistsError(f"{path} exists: pass --resume to continue that run, or choose another --output")
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    dpl.load_prompt_state_dict(state["prompts"])
+    for name, optimizer in optimizers.items():
+        optimizer.load_state_dict(state["optimizers"][name])
+    scheduler.load_state_dict(state["scheduler"])
+    set_rng_state(state["rng"])
+    if job.ranks.main:
+        print(f"resuming {path} at epoch {state['epoch']}")
+    return state["epoch"], state.get("history", [])
+
+
+def _save_checkpoint(job: Job, out: Path, epoch: int, dpl, optimizers: dict, scheduler, history) -> None:
+    if job.ranks.main:
+        save_atomic({"epoch": epoch, "prompts": dpl.prompt_state_dict(),
+                     "optimizers": {k: o.state_dict() for k, o in optimizers.items()},
+                     "scheduler": scheduler.state_dict(), "rng": rng_state(), "history": history,
+                     "settings": job.cfg.to_dict()}, _checkpoint_path(out))
+    barrier(job.ranks)
+
+
+# ---- search -------------------------------------------------------------------------------------------
+def alpha_snapshot(dpl: FastDPLPrompt) -> dict:
+    return {t: torch.softmax(a.detach().float(), -1).tolist() for t, a in dpl.arch_logits.items()}
+
+
+def run_search(cfg: RunConfig) -> dict:
+    """Alternate Adam steps on alpha (validation batches, cycled) and SGD steps on prompts (train batches)."""
+    job = prepare(cfg)
+    out = job.out("search")
+    dpl = build_dpl(job, job.splits.classnames, "search")
+    net = wrap(dpl, job.ranks, job.device)
+    arch_opt = torch.optim.Adam(dpl.arch_parameters(), lr=cfg.arch_lr, betas=tuple(cfg.arch_betas),
+                                weight_decay=cfg.arch_weight_decay)
+    prompt_opt = torch.optim.SGD(dpl.prompt_parameters(), lr=cfg.lr, momentum=cfg.momentum,
+                                 weight_decay=cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(prompt_opt, lambda e: lr_factor(e, cfg, cfg.search_epochs))
+    optimizers = {"arch": arch_opt, "prompt": prompt_opt}
+    start, history = _start_epoch(job, out, dpl, optimizers, scheduler)
+    train = _train_loader(job, job.splits.train, cfg.seed)
+    val = _train_loader(job, job.splits.val, cfg.seed + 1)
+    if job.ranks.main:
+        save_yaml(cfg, out / "run.yaml")
+    dpl.train()
+    for epoch in range(start, cfg.search_epochs):
+        train.batch_sampler.set_epoch(epoch)
+        val_batches = cycle_batches(val, epoch)
+        meter = Meter()
+        bar = _progress(train, job, f"search {epoch + 1}/{cfg.search_epochs}")
+        for images, labels in bar:
+            with nvtx_range("fastdpl/pipeline/data"):
+                val_images, val_labels = next(val_batches)
+            _loss_step(net, arch_opt, val_images, val_labels, job)       # alpha on validation
+            loss, logits = _loss_step(net, prompt_opt, images, labels, job)  # prompts on training
+            meter.update(loss, logits, labels.to(job.device))
+            bar.set_postfix(meter.postfix(job.ranks))
+        scheduler.step()
+        history.append({"epoch": epoch + 1, **meter.summary(), "alpha": alpha_snapshot(dpl)})
+        _save_checkpoint(job, out, epoch + 1, dpl, optimizers, scheduler, history)
+        if job.ranks.main:
+            write_text_atomic(out / "alpha_history.json", json.dumps(history))
+            _log_epoch(job, "search", history[-1])
+    config = dpl.derive_config()
+    result = {"stage": "search", "config": config.to_dict(), "history": history}
+    if job.ranks.main:
+        from .plots import plot_alpha_evolution, plot_alpha_heatmap
+
+        config.save(out / "prompt_config.json")
+        save_atomic(dpl.prompt_state_dict(), out / "prompts.pt")  # the supernet, for `fastdpl eval --prompts`
+        plot_alpha_heatmap(dpl, out / "alpha_heatmap.png")
+        plot_alpha_evolution(history, dpl.candidate_lengths, out / "alpha_evolution.png")
+        print(f"derived configuration ({out / 'prompt_config.json'}):\n{config}")
+    barrier(job.ranks)
+    return result
+
+
+def _log_epoch(job: Job, stage: str, entry: dict) -> None:
+    if job.cfg.progress:
+        tqdm.write(f"{stage} epoch {entry['epoch']}: loss {entry['loss']:.4f}, train acc {100 * entry['accuracy']:.1f}%")
+
+
+# ---- train --------------------------------------------------------------------------------------------
+def resolve_prompt_config(job: Job) -> tuple[PromptConfig, str]:
+    """(config, method label) from --prompt-config: a JSON file, 'zero_shot' or 'uniform:LENGTH:DEPTH'.
+
+    Unset: the search stage's prompt_config.json in the same --output.
+    """
+    spec = job.cfg.prompt_config
+    blocks = {"image": len(image_parts(job.model).blocks), "text": len(text_parts(job.model).blocks)}
+    if spec is None:
+        spec = str(Path(job.cfg.output) / "search" / "prompt_config.json")
+        if not Path(spec).is_file():
+            raise FileNotFoundError(f"no --prompt-config given and no search result at {spec}: run "
+                                    "`fastdpl search` first or pass a JSON file, 'zero_shot' or 'uniform:LEN:DEPTH'")
+    if spec == "zero_shot":
+        return PromptConfig.zero_shot(blocks), "zero_shot"
+    if spec.startswith("uniform:"):
+        parts = spec.split(":")
+        if len(parts) != 3 or not all(p.isdigit() for p in parts[1:]):
+            raise ValueError(f"prompt_config {spec!r}: expected uniform:LENGTH:DEPTH, e.g. uniform:4:9")
+        return PromptConfig.uniform(int(parts[1]), int(parts[2]), blocks), spec
+    if not Path(spec).is_file():
+        raise FileNotFoundError(f"prompt_config: no such file {spec}")
+    return PromptConfig.load(spec), "dpl"
+
+
+def zero_shot_teacher(job: Job, classnames):
+    """Zero-shot CLIP logits as a function of the images; text features average TEACHER_TEMPLATES."""
+    from ..prompt import _tokenize
+    from ..towers import text_module
+
+    model = job.model
+    context = text_module(model).positional_embedding.shape[0]
+    with torch.no_grad():
+        per_template = [F.normalize(model.encode_text(_tokenize(classnames, t, None, context).to(job.device)).float(),
+                                    dim=-1) for t in TEACHER_TEMPLATES]
+        text = F.normalize(torch.stack(per_template).mean(0), dim=-1)
+
+    def logits(images):
+        with torch.no_grad():
+            image = F.normalize(model.encode_image(images).float(), dim=-1)
+            return model.logit_scale.exp() * image @ text.T
+    return logits
+
+
+def distillation_loss(job: Job, classnames):
+    """KL(teacher || student) at temperature T, weighted; None when the weight is 0 (teacher never runs)."""
+    cfg = job.cfg
+    if cfg.distill_weight == 0:
+        return None
+    teacher = zero_shot_teacher(job, classnames)
+    T = cfg.distill_temperature
+
+    def loss(student_logits, images):
+        target = F.log_softmax(teacher(images) / T, dim=-1)
+        kl = F.kl_div(F.log_softmax(student_logits / T, dim=-1), target, log_target=True, reduction="batchmean")
+        return cfg.distill_weight * T * T * kl
+    return loss
+
+
+def run_train(cfg: RunConfig) -> dict:
+    """Train fresh prompts of a fixed configuration (DPL's or a baseline's), then evaluate."""
+    job = prepare(cfg)
+    out = job.out("train")
+    config, method = resolve_prompt_config(job)
+    dpl = build_dpl(job, job.splits.classnames, "fixed", config)
+    params = dpl.prompt_parameters()
+    if params:
+        net = wrap(dpl, job.ranks, job.device)
+        optimizer = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda e: lr_factor(e, cfg, cfg.train_epochs))
+        start, history = _start_epoch(job, out, dpl, {"prompt": optimizer}, scheduler)
+        train = _train_loader(job, job.splits.train, cfg.seed)
+        extra = distillation_loss(job, job.splits.classnames)
+        if job.ranks.main:
+            save_yaml(cfg, out / "run.yaml")
+        dpl.train()
+        for epoch in range(start, cfg.train_epochs):
+            train.batch_sampler.set_epoch(epoch)
+            meter = Meter()
+            bar = _progress(train, job, f"train {epoch + 1}/{cfg.train_epochs}")
+            for images, labels in bar:
+                loss, logits = _loss_step(net, optimizer, images, labels, job, extra)
+                meter.update(loss, logits, labels.to(job.device))
+                bar.set_postfix(meter.postfix(job.ranks))
+            scheduler.step()
+            history.append({"epoch": epoch + 1, **meter.summary()})
+            _save_checkpoint(job, out, epoch + 1, dpl, {"prompt": optimizer}, scheduler, history)
+            if job.ranks.main:
+                _log_epoch(job, "train", history[-1])
+    if job.ranks.main:
+        save_atomic(dpl.prompt_state_dict(), out / "prompts.pt")
+    return _evaluate_and_write(job, dpl, out, stage="train", method=method)
+
+
+# ---- evaluation ---------------------------------------------------------------------------------------
+@torch.no_grad()
+def accuracy(job: Job, dpl: FastDPLPrompt, samples, restrict=None, desc="eval") -> dict:
+    """Top-1 overall and per class on ``samples`` (CLIP test preprocessing)."""
+    dpl.eval()
+    loader = make_loader(samples, job.image_size, job.cfg.eval_batch_size, 0, Dist(), False, job.cfg.workers)
+    correct = torch.zeros(dpl.num_classes)
+    total = torch.zeros(dpl.num_classes)
+    meter = Meter()
+    bar = _progress(loader, job, desc)
+    for images, labels in bar:
+        with autocast(job.device, job.cfg.precision):
+            logits = dpl(images.to(job.device)).float().cpu()
+        meter.update(torch.zeros(()), logits, labels)
+        bar.set_postfix(meter.postfix(Dist()))
+        hits = (logits.argmax(1) == labels).float()
+        correct.index_add_(0, labels, hits)
+        total.index_add_(0, labels, torch.ones_like(hits))
+    names = dpl.classnames
+    per_class = {names[i]: (correct[i] / total[i]).item() for i in range(len(names)) if total[i] > 0}
+    return {"top1": (correct.sum() / total.sum()).item(), "num_test": int(total.sum()), "per_class": per_class}
+
+
+def harmonic_mean(base: float, new: float) -> float:
+    return 0.0 if base + new == 0 else 2 * base * new / (base + new)
+
+
+def _evaluate_and_write(job: Job, dpl: FastDPLPrompt, out: Path, stage: str, method: str) -> dict:
+    """Own test set (base and new with --subsample base), then every --eval-datasets entry."""
+    cfg = job.cfg
+    result = {"stage": stage, "method": method, "dataset": cfg.dataset, "shots": cfg.shots, "seed": cfg.seed,
+              "model": cfg.model, "pretrained": cfg.pretrained, "subsample": cfg.subsample, "results": {}}
+    if not job.ranks.main:
+        barrier(job.ranks)
+        return result
+    state = dpl.prompt_state_dict()
+    own = cfg.dataset if cfg.subsample == "all" else f"{cfg.dataset}[{cfg.subsample}]"
+    result["results"][own] = accuracy(job, dpl, job.splits.test, desc=f"test {own}")
+    if cfg.subsample == "base":  # base-to-new: the prompts learned on base classes, applied to the new ones
+        new = subsample_classes(load_dataset(cfg.dataset, cfg.root), "new")
+        result["results"][f"{cfg.dataset}[new]"] = _transfer(job, dpl, state, new.classnames, new.test,
+                                                              f"test {cfg.dataset}[new]")
+        result["base"] = result["results"][own]["top1"]
+        result["new"] = result["results"][f"{cfg.dataset}[new]"]["top1"]
+        result["hm"] = harmonic_mean(result["base"], result["new"])
+    for name in cfg.eval_datasets:  # cross-dataset and domain shift: all of that dataset's classes
+        other = load_dataset(name, cfg.root)
+        key = name if name not in result["results"] else f"{name} (cross)"
+        result["results"][key] = _transfer(job, dpl, state, other.classnames, other.test, f"test {name}")
+    result["top1"] = result["results"][own]["top1"]
+    write_text_atomic(out / "results.json", json.dumps(result, indent=1))
+    print(results_table(result))
+    barrier(job.ranks)
+    return result
+
+
+def _transfer(job: Job, dpl: FastDPLPrompt, state: dict, classnames, samples, desc: str) -> dict:
+    """The learned prompts applied to other class names (new classes, another dataset, a domain shift)."""
+    other = build_dpl(job, classnames, dpl.mode, dpl.config)
+    other.load_prompt_state_dict(state)
+    return accuracy(job, other, samples, desc=desc)
+
+
+def results_table(result: dict) -> str:
+    lines = [f"| {result['stage']} ({result['method']}) | top-1 % | images |", "| --- | ---: | ---: |"]
+    for name, r in result["results"].items():
+        lines.append(f"| {name} | {100 * r['top1']:.2f} | {r['num_test']} |")
+    if "hm" in result:
+        lines.append(f"| harmonic mean (base, new) | {100 * result['hm']:.2f} | |")
+    return "\n".join(lines)
+
+
+def run_eval(cfg: RunConfig, prompts: str | None = None, stage: str = "eval") -> dict:
+    """Evaluate saved prompts (default: the train stage's) on the test set and --eval-datasets."""
+    job = prepare(cfg)
+    path = Path(prompts) if prompts else Path(cfg.output) / "train" / "prompts.pt"
+    if not path.is_file():
+        raise FileNotFoundError(f"no prompts at {path}: run `fastdpl train` first or pass --prompts FILE")
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    config = PromptConfig.from_dict(state["config"]) if state.get("config") else None
+    dpl = build_dpl(job, job.splits.classnames, state["mode"], config) if state["mode"] == "fixed" else \
+        FastDPLPrompt(job.model, job.splits.classnames, mode="search", candidate_lengths=state["candidate_lengths"],
+                      towers=state["towers"], template=cfg.template, impl=cfg.impl)
+    dpl.load_prompt_state_dict(state)
+    return _evaluate_and_write(job, dpl, job.out(stage), stage=stage, method=str(path))
+
+
+def run_zeroshot(cfg: RunConfig) -> dict:
+    """CLIP with the class template and no prompts (the same code path with a zero-length configuration)."""
+    job = prepare(cfg)
+    blocks = {"image": len(image_parts(job.model).blocks), "text": len(text_parts(job.model).blocks)}
+    dpl = build_dpl(job, job.splits.classnames, "fixed", PromptConfig.zero_shot(blocks))
+    return _evaluate_and_write(job, dpl, job.out("zeroshot"), stage="zeroshot", method="zero_shot")

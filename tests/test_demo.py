@@ -1,0 +1,20 @@
+"""`fastdpl demo` end to end: DPL beats zero-shot CLIP on the built-in digits; check-data on built-in data."""
+from fastdpl.cli import main
+from fastdpl.pipeline.demo import demo_config, run_demo
+
+
+def test_demo_dpl_beats_zero_shot(tmp_path, capsys):
+    table = run_demo(demo_config(output=str(tmp_path / "demo"), progress=False))
+    assert table["DPL (searched)"] > table["zero-shot CLIP"] + 0.03, table
+    assert (tmp_path / "demo" / "dpl" / "search" / "alpha_heatmap.png").stat().st_size > 1000
+    assert (tmp_path / "demo" / "dpl" / "search" / "alpha_evolution.png").is_file()
+    printed = capsys.readouterr().out
+    assert "| zero-shot CLIP |" in printed and "| DPL (searched) |" in printed
+
+
+def test_check_data_cli_on_builtin_digits(capsys):
+    assert main(["check-data", "--dataset", "builtin:digits", "--shots", "16"]) == 0
+    out = capsys.readouterr().out
+    assert "builtin:digits: 10 classes" in out and out.strip().endswith("OK")
+    assert main(["check-data", "--dataset", "no_such_set"]) == 1
+    assert "unknown dataset" in capsys.readouterr().out
