@@ -1,7 +1,7 @@
 """The `fastdpl` command line.
 
     fastdpl demo                      offline demo: zero-shot, uniform baseline, DPL search + train (tiny CLIP, digits)
-    fastdpl zeroshot|search|train|eval [--config run.yaml] [--dataset NAME --root DIR ...]
+    fastdpl zeroshot|search|train|eval|tpt [--config run.yaml] [--dataset NAME --root DIR ...]
     fastdpl report RUN_DIRS... --out results/summary
     fastdpl check-data --dataset NAME --root DIR
     fastdpl bench [op|step] [options]  benchmarks
@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-STAGES = ("zeroshot", "search", "train", "eval")
+STAGES = ("zeroshot", "search", "train", "eval", "tpt")
 
 
 def _stage_parsers(sub) -> None:
@@ -22,12 +22,14 @@ def _stage_parsers(sub) -> None:
 
     helps = {"zeroshot": "evaluate zero-shot CLIP", "search": "DPL search stage (supernet): alpha and prompts",
              "train": "train a fixed configuration (DPL's or a baseline) and evaluate it",
-             "eval": "evaluate saved prompts (cross-dataset, domain shift, base/new)"}
+             "eval": "evaluate saved prompts (cross-dataset, domain shift, base/new)",
+             "tpt": "test-time prompt tuning on the test sets (zero-shot context, or --prompts of a trained config)"}
     for stage in STAGES:
         parser = sub.add_parser(stage, help=helps[stage])
         add_config_arguments(parser)
-        if stage == "eval":
-            parser.add_argument("--prompts", help="prompts file (default: <output>/train/prompts.pt)")
+        if stage in ("eval", "tpt"):
+            default = "<output>/train/prompts.pt" if stage == "eval" else "none: zero-shot CLIP with a learnable context"
+            parser.add_argument("--prompts", help=f"prompts file (default: {default})")
     demo = sub.add_parser("demo", help="offline demo on the built-in tiny CLIP and digits")
     demo.add_argument("--output", default="runs/demo")
     demo.add_argument("--no-progress", action="store_true")
@@ -47,7 +49,7 @@ def main(argv=None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     bench = sub.add_parser("bench", help="benchmarks (fastdpl bench op --help, fastdpl bench step --help)",
                            add_help=False)
-    bench.add_argument("suite", nargs="?", default="op", choices=["op", "step"])
+    bench.add_argument("suite", nargs="?", default="op", choices=["op", "step", "tpt"])
     _stage_parsers(sub)
     if argv[:1] == ["bench"]:
         args, rest = parser.parse_known_args(argv)
@@ -68,8 +70,8 @@ def _run(args) -> int:
         from .pipeline.config import resolve_config
 
         cfg = resolve_config(args)
-        if args.command == "eval":
-            stages.run_eval(cfg, prompts=args.prompts)
+        if args.command in ("eval", "tpt"):
+            getattr(stages, f"run_{args.command}")(cfg, prompts=args.prompts)
         else:
             getattr(stages, f"run_{args.command}")(cfg)
         return 0

@@ -14,11 +14,14 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .towers import image_embeddings, image_head, text_embeddings, text_head
+from .towers import image_embeddings, image_head, text_embeddings, text_head, text_module
 
 
-def _candidates(dpl, tower: str, block: int):
-    """[(weight, prompt or None)] of one block, as FastDPLPrompt holds them."""
+def _candidates(dpl, tower: str, block: int, overrides=None):
+    """[(weight, prompt or None)] of one block, as FastDPLPrompt holds them (``overrides``: block ->
+    prompt replacing a fixed-mode block's own, e.g. a prompt being tuned at test time)."""
+    if overrides and block in overrides:
+        return [(None, overrides[block])]
     if tower not in dpl.prompted:
         return [(None, None)]
     lengths = dpl.prompted[tower][block]
@@ -53,13 +56,19 @@ def literal_encode_image(dpl, images: torch.Tensor) -> torch.Tensor:
     return image_head(visual, x[:, 0])
 
 
-def literal_encode_text(dpl) -> torch.Tensor:
+def literal_encode_text(dpl, context=None, text_prompts=None) -> torch.Tensor:
+    """All class texts over all positions; ``context`` (n, W) replaces tokens 1..n (CoOp/TPT),
+    ``text_prompts`` {block: (n_b, W)} replaces a fixed-mode module's text prompts."""
     tokens = dpl.class_tokens
     x = text_embeddings(dpl.model, tokens)
+    if context is not None:  # swap the words' embeddings for the context, positions kept
+        pos = text_module(dpl.model).positional_embedding[1:1 + context.shape[0]].to(x.dtype)
+        x = x.clone()
+        x[:, 1:1 + context.shape[0]] = context.to(x.dtype) + pos
     n = tokens.shape[1]
     causal = torch.full((n, n), float("-inf"), dtype=x.dtype, device=x.device).triu(1)
     for b, block in enumerate(dpl._parts["text"].blocks):
-        x = _literal_block(block, x, _candidates(dpl, "text", b), causal)
+        x = _literal_block(block, x, _candidates(dpl, "text", b, text_prompts), causal)
     rows = torch.arange(tokens.shape[0], device=tokens.device)
     return text_head(dpl.model, x[rows, dpl.end_of_text])
 
@@ -68,3 +77,33 @@ def literal_logits(dpl, images: torch.Tensor) -> torch.Tensor:
     image_features = F.normalize(literal_encode_image(dpl, images), dim=-1)
     text_features = F.normalize(literal_encode_text(dpl), dim=-1)
     return dpl.model.logit_scale.exp() * image_features @ text_features.T
+
+
+def literal_tpt_predict(tuner, views: torch.Tensor) -> torch.Tensor:
+    """TPT on one image as the usual implementation does it: every forward runs the image tower
+    on the views (without a graph) and the full, untruncated text tower over every class with plain
+    autograd; the prediction runs both towers again. views (V, 3, S, S) -> logits (C,) of view 0."""
+    from .tpt import average_entropy, confident_views
+
+    dpl = tuner.dpl
+    tuned = {k: v.clone().requires_grad_() for k, v in tuner.initial.items()}
+    optimizer = torch.optim.AdamW(list(tuned.values()), lr=tuner.lr, weight_decay=tuner.weight_decay)
+    prompts = {k: v for k, v in tuned.items() if k != "context"}
+
+    def logits_of(images):
+        with torch.no_grad():
+            image_features = F.normalize(literal_encode_image(dpl, images), dim=-1)
+        text_features = F.normalize(literal_encode_text(dpl, tuned.get("context"), prompts), dim=-1)
+        return dpl.model.logit_scale.exp() * image_features @ text_features.T
+
+    selected = None
+    for _ in range(tuner.steps):
+        logits = logits_of(views)
+        if selected is None:
+            selected = confident_views(logits.detach(), tuner.keep_fraction)
+        loss = average_entropy(logits[selected])
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    with torch.no_grad():
+        return logits_of(views[:1])[0]

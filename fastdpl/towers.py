@@ -128,9 +128,15 @@ def image_head(visual: nn.Module, class_token: torch.Tensor) -> torch.Tensor:
     return pooled @ visual.proj if visual.proj is not None else pooled
 
 
-def text_embeddings(model: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
+def text_embeddings(model: nn.Module, tokens: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+    """Token plus positional embeddings. ``context`` (n, W) or (B, n, W), CoOp-style, replaces the
+    embeddings of tokens 1..n (the template's leading words) before the positions are added."""
     text = text_module(model)
     x = text.token_embedding(tokens)
+    if context is not None:
+        n = context.shape[-2]
+        context = context.to(x.dtype).expand(x.shape[0], n, x.shape[-1])
+        x = torch.cat([x[:, :1], context, x[:, 1 + n:]], dim=1)
     return x + text.positional_embedding[: tokens.shape[1]].to(x.dtype)
 
 
@@ -151,18 +157,33 @@ def _heads(t: torch.Tensor, heads: int) -> torch.Tensor:
 
 
 def project_prompts(block: nn.Module, prompts: torch.Tensor):
-    """ln_1, then the block's key and value projections: (P, W) -> two (H, P, head_dim) tensors."""
+    """ln_1, then the block's key and value projections: (P, W) -> two (H, P, head_dim) tensors;
+    a batch of independent prompts (B, P, W) -> two (B, H, P, head_dim) tensors."""
     attn = block.attn
     width = attn.embed_dim
     bias = attn.in_proj_bias[width:] if attn.in_proj_bias is not None else None
-    kv = F.linear(block.ln_1(prompts), attn.in_proj_weight[width:], bias)  # (P, 2W)
-    pk, pv = kv.unflatten(-1, (2, attn.num_heads, -1)).permute(1, 2, 0, 3).unbind(0)
+    kv = F.linear(block.ln_1(prompts), attn.in_proj_weight[width:], bias)  # (..., P, 2W)
+    kv = kv.unflatten(-1, (2, attn.num_heads, -1)).movedim(-3, 0)  # (2, ..., P, H, hd)
+    pk, pv = kv.transpose(-3, -2).unbind(0)
     return pk, pv
+
+
+def attention_with_own_prompts(q, k, v, pk, pv, causal: bool) -> torch.Tensor:
+    """Attention of q over [k ; pk] when every sequence has its own prompts pk, pv (B, H, P, D),
+    e.g. independent prompts per test image in TPT. Causal on the original keys; prompts visible."""
+    keys, values = torch.cat([k, pk], dim=2), torch.cat([v, pv], dim=2)
+    mask = None
+    if causal:
+        n, p = q.shape[2], pk.shape[2]
+        mask = torch.ones(n, n + p, dtype=torch.bool, device=q.device)
+        mask[:, :n] = torch.ones(n, n, dtype=torch.bool, device=q.device).tril()
+    return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
 
 
 def prompted_block(block: nn.Module, x: torch.Tensor, prompt_kv, candidate_lengths, weights, causal: bool,
                    impl: str, keep_rows: torch.Tensor | None = None, name: str = "") -> torch.Tensor:
-    """One block; ``prompt_kv`` = (pk, pv) or None for no prompts. ``keep_rows`` (B,) selects
+    """One block; ``prompt_kv`` = (pk, pv) shared by the batch (H, P, D), or per sequence
+    (B, H, P, D; one candidate), or None for no prompts. ``keep_rows`` (B,) selects
     the one row per sequence that is consumed after the attention (last block only)."""
     attn = block.attn
     heads = attn.num_heads
@@ -171,6 +192,8 @@ def prompted_block(block: nn.Module, x: torch.Tensor, prompt_kv, candidate_lengt
         q, k, v = _heads(q, heads), _heads(k, heads), _heads(v, heads)
         if prompt_kv is None:
             out = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+        elif prompt_kv[0].dim() == 4:  # one prompt set per sequence
+            out = attention_with_own_prompts(q, k, v, prompt_kv[0], prompt_kv[1], causal)
         else:
             out = mixture_prefix_attention(q, k, v, prompt_kv[0], prompt_kv[1], candidate_lengths, weights,
                                            causal=causal, impl=impl)

@@ -112,7 +112,6 @@ def test_step_runner_writes_json(tmp_path):
 def test_step_providers_compute_the_same_supernet():
     """The search and literal providers differentiate the same logits (else the ratio means nothing)."""
     from fastdpl.bench import step
-    from fastdpl.literal import literal_logits
 
     model = step.build_model("tiny", "cpu")
     shape = step.SMOKE_SHAPES[0]
@@ -121,3 +120,22 @@ def test_step_providers_compute_the_same_supernet():
     search_grads, literal_grads = calls["search"](images), calls["literal"](images)
     for a, b in zip(search_grads, literal_grads):
         assert torch.allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_tpt_runner_writes_json_and_its_providers_agree(tmp_path):
+    from fastdpl.bench import step, tpt
+
+    out = tmp_path / "tpt.json"
+    tpt.run(device="cpu", smoke=True, impl="eager", out=out, echo=lambda *_: None)
+    rows = {r["provider"]: r for r in json.loads(out.read_text())["rows"]}
+    assert set(rows) == {"fast", "fast_group4", "literal"} and rows["literal"]["literal_over_this"] == 1.0
+    summary = out.with_suffix(".md").read_text()
+    assert "fast_group4" in summary and "Command:" in summary and out.with_suffix(".png").stat().st_size > 1000
+    assert all(r["median_ms"] > 0 and r["images_per_s"] > 0 for r in rows.values())
+    # The timed providers predict the same logits (else the ratio compares different work).
+    shape = tpt.SMOKE_SHAPES[0]
+    calls = tpt.providers(step.build_model("tiny", "cpu"), shape, "eager")
+    views = torch.randn(tpt.GROUP, shape.views, 3, 32, 32)
+    fast, group, literal = calls["fast"](views), calls["fast_group4"](views), calls["literal"](views)
+    torch.testing.assert_close(fast[0], literal, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(group[:1], fast, rtol=1e-4, atol=1e-4)

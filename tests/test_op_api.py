@@ -10,7 +10,7 @@ import torch
 
 import fastdpl
 from fastdpl.ops import mixture_prefix_attention, resolve_impl
-from helpers import NAMES, TOLERANCE, TRITON_DEVICE, Case, assert_matches, make_inputs, run_with_grads
+from helpers import TOLERANCE, TRITON_DEVICE, Case, assert_matches, make_inputs
 
 needs_triton = pytest.mark.skipif(TRITON_DEVICE is None, reason="Triton needs CUDA or TRITON_INTERPRET=1")
 CASE = Case(2, 2, 9, 16, (0, 2, 3), False)

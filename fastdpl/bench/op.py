@@ -15,18 +15,16 @@ prompt keys, two matmuls of 2*N*keys*D each,
 """
 from __future__ import annotations
 
-import argparse
 import functools
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 
 from fastdpl.ops import mixture_prefix_attention, triton_available
 from . import peers
-from .timing import (
-    add_common_arguments, environment, parse_shapes, peak_memory_mb, summarize, time_interleaved, write_result,
-)
+from .suite import Suite, run_suite, suite_main
+from .timing import peak_memory_mb, summarize, time_interleaved
 
 
 @dataclass(frozen=True)
@@ -168,35 +166,20 @@ def format_table(rows) -> str:
     return "\n".join(lines)
 
 
-def run(device=None, dtype=None, shapes=None, repeats=None, warmup=2, out=None, smoke=False, echo=print):
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if dtype is None:
-        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    if shapes is None:
-        shapes = SMOKE_SHAPES if smoke else (GPU_SHAPES if device.type == "cuda" else CPU_SHAPES)
-    repeats = repeats or (2 if smoke else (30 if device.type == "cuda" else 7))
-    result = {"benchmark": "op", "environment": environment(device), "dtype": str(dtype).replace("torch.", ""),
-              "shapes": [asdict(s) for s in shapes], "rows": []}
-    for shape in shapes:
-        echo(f"# {shape.name}: B={shape.batch} H={shape.heads} N={shape.n} D={shape.head_dim} "
-             f"lengths={list(shape.lengths)} causal={shape.causal}")
-        result["rows"] += bench_shape(shape, dtype, device, repeats, warmup=1 if smoke else warmup)
-    echo(format_table(result["rows"]))
-    if out is not None:
-        echo(f"wrote {write_result(result, out)}")
-    return result
+SUITE = Suite("op", GPU_SHAPES, CPU_SHAPES, SMOKE_SHAPES,
+              lambda shape, device, dtype, impl, repeats, warmup: bench_shape(shape, dtype, device, repeats, warmup),
+              format_table,
+              lambda s: f"B={s.batch} H={s.heads} N={s.n} D={s.head_dim} lengths={list(s.lengths)} causal={s.causal}",
+              "vs_single_path", "time / one SDPA over N + max(lengths) keys (x)", repeats=(30, 7, 2),
+              gpu_dtype=torch.bfloat16, warmup=2)
+
+
+def run(**kwargs):
+    return run_suite(SUITE, **kwargs)
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="fastdpl bench op", description=__doc__.split("\n\n")[0])
-    add_common_arguments(parser, default_out="bench-out/op.json")
-    parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
-                        help="default: bfloat16 on CUDA, float32 on CPU")
-    args = parser.parse_args(argv)
-    shapes = parse_shapes(parser, args, GPU_SHAPES + CPU_SHAPES + SMOKE_SHAPES)
-    dtype = getattr(torch, args.dtype) if args.dtype else None
-    run(device=args.device, dtype=dtype, shapes=shapes, repeats=args.repeats, out=args.out, smoke=args.smoke)
-    return 0
+    return suite_main(SUITE, argv, __doc__.split("\n\n")[0])
 
 
 if __name__ == "__main__":

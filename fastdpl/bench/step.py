@@ -15,9 +15,8 @@ search / single_path and literal / search.
 """
 from __future__ import annotations
 
-import argparse
 import functools
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -25,9 +24,8 @@ import torch.nn.functional as F
 from fastdpl.config import PromptConfig
 from fastdpl.literal import literal_logits
 from fastdpl.prompt import FastDPLPrompt
-from .timing import (
-    add_common_arguments, environment, parse_shapes, peak_memory_mb, summarize, time_interleaved, write_result,
-)
+from .suite import Suite, run_suite, suite_main
+from .timing import peak_memory_mb, summarize, time_interleaved
 
 
 @dataclass(frozen=True)
@@ -145,34 +143,17 @@ def format_table(rows) -> str:
     return "\n".join(lines)
 
 
-def run(device=None, dtype=torch.float32, shapes=None, impl="auto", repeats=None, warmup=1, out=None,
-        smoke=False, echo=print):
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if shapes is None:
-        shapes = SMOKE_SHAPES if smoke else (GPU_SHAPES if device.type == "cuda" else CPU_SHAPES)
-    repeats = repeats or (2 if smoke else (20 if device.type == "cuda" else 5))
-    result = {"benchmark": "step", "environment": environment(device), "dtype": str(dtype).replace("torch.", ""),
-              "impl": impl, "shapes": [asdict(s) for s in shapes], "rows": []}
-    for shape in shapes:
-        echo(f"# {shape.name}: {shape.model}, image batch {shape.batch}, {shape.classes} classes, "
-             f"lengths {list(shape.lengths)}")
-        result["rows"] += bench_shape(shape, device, dtype, impl, repeats, warmup)
-    echo(format_table(result["rows"]))
-    if out is not None:
-        echo(f"wrote {write_result(result, out)}")
-    return result
+SUITE = Suite("step", GPU_SHAPES, CPU_SHAPES, SMOKE_SHAPES, bench_shape, format_table,
+              lambda s: f"{s.model}, image batch {s.batch}, {s.classes} classes, lengths {list(s.lengths)}",
+              "vs_single_path", "time / single-path step (x)", repeats=(20, 5, 2))
+
+
+def run(**kwargs):
+    return run_suite(SUITE, **kwargs)
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="fastdpl bench step", description=__doc__.split("\n\n")[0])
-    add_common_arguments(parser, default_out="bench-out/step.json")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    parser.add_argument("--impl", default="auto", choices=["auto", "eager", "triton", "reference"])
-    args = parser.parse_args(argv)
-    shapes = parse_shapes(parser, args, GPU_SHAPES + CPU_SHAPES + SMOKE_SHAPES)
-    run(device=args.device, dtype=getattr(torch, args.dtype), shapes=shapes, impl=args.impl,
-        repeats=args.repeats, out=args.out, smoke=args.smoke)
-    return 0
+    return suite_main(SUITE, argv, __doc__.split("\n\n")[0])
 
 
 if __name__ == "__main__":

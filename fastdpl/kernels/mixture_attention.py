@@ -8,7 +8,6 @@ weights (C,); row_max (B, H, N) float32 in log2 units; denominators
 """
 from __future__ import annotations
 
-import math
 from functools import lru_cache
 
 import torch

@@ -58,6 +58,15 @@ class RunConfig:
     # evaluation
     eval_batch_size: int = 100
     eval_datasets: list = field(default_factory=list)  # cross-dataset / domain shift, after the own test set
+    # test-time prompt tuning (fastdpl tpt)
+    tpt_views: int = 64  # the original and 63 augmented views
+    tpt_keep: float = 0.1  # share of lowest-entropy views in the loss
+    tpt_lr: float = 5e-3
+    tpt_steps: int = 1
+    tpt_tune: str = "auto"  # context | text_prompts | auto (text prompts when the loaded prompts have any)
+    tpt_context: str = "a photo of a"
+    tpt_augmix: str = "auto"  # auto: AugMix views for fine-grained sets, crops only for the ImageNet family
+    tpt_group: int = 1  # test images tuned together as one batch of independent prompts
     # bookkeeping
     output: str = "runs/default"
     resume: bool = False
@@ -66,7 +75,8 @@ class RunConfig:
     def validate(self) -> "RunConfig":
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
-        for name in ("batch_size", "search_epochs", "train_epochs", "eval_batch_size"):
+        for name in ("batch_size", "search_epochs", "train_epochs", "eval_batch_size", "tpt_views", "tpt_steps",
+                     "tpt_group"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ValueError(f"{name} must be a positive int, got {getattr(self, name)!r}")
         if self.shots is not None and (not isinstance(self.shots, int) or self.shots < 1):
@@ -75,6 +85,8 @@ class RunConfig:
             raise ValueError(f"warmup_epochs must be >= 0, got {self.warmup_epochs}")
         if self.distill_weight < 0:
             raise ValueError(f"distill_weight must be >= 0, got {self.distill_weight}")
+        if self.tpt_augmix not in ("auto", "true", "false", True, False):
+            raise ValueError(f"tpt_augmix must be auto, true or false, got {self.tpt_augmix!r}")
         return self
 
     def to_dict(self) -> dict:

@@ -95,10 +95,3 @@ def barrier(ranks: Dist) -> None:
     if ranks.enabled:
         dist.barrier()
 
-
-def all_reduce_mean(values: torch.Tensor, ranks: Dist) -> torch.Tensor:
-    if ranks.enabled:
-        values = values.clone()
-        dist.all_reduce(values)
-        values /= ranks.world
-    return values

@@ -27,7 +27,7 @@ from .classifier import wrap
 from .config import RunConfig, save_yaml
 from .loaders import cycle_batches, make_loader
 from .runtime import (
-    Dist, all_reduce_mean, autocast, barrier, init_distributed, pick_device, rng_state, save_atomic,
+    Dist, autocast, barrier, init_distributed, pick_device, rng_state, save_atomic,
     seed_everything, set_rng_state, write_text_atomic,
 )
 
@@ -73,6 +73,10 @@ def build_dpl(job: Job, classnames, mode: str, config: PromptConfig | None = Non
         return FastDPLPrompt(job.model, classnames, mode="search", candidate_lengths=cfg.candidate_lengths,
                              towers=cfg.search_towers, **common)
     return FastDPLPrompt(job.model, classnames, mode="fixed", config=config, **common)
+
+
+def block_counts(model) -> dict:
+    return {"image": len(image_parts(model).blocks), "text": len(text_parts(model).blocks)}
 
 
 def lr_factor(epoch: int, cfg: RunConfig, epochs: int) -> float:
@@ -231,7 +235,7 @@ def resolve_prompt_config(job: Job) -> tuple[PromptConfig, str]:
     Unset: the search stage's prompt_config.json in the same --output.
     """
     spec = job.cfg.prompt_config
-    blocks = {"image": len(image_parts(job.model).blocks), "text": len(text_parts(job.model).blocks)}
+    blocks = block_counts(job.model)
     if spec is None:
         spec = str(Path(job.cfg.output) / "search" / "prompt_config.json")
         if not Path(spec).is_file():
@@ -319,34 +323,45 @@ def run_train(cfg: RunConfig) -> dict:
 
 
 # ---- evaluation ---------------------------------------------------------------------------------------
-@torch.no_grad()
-def accuracy(job: Job, dpl: FastDPLPrompt, samples, restrict=None, desc="eval") -> dict:
-    """Top-1 overall and per class on ``samples`` (CLIP test preprocessing)."""
-    dpl.eval()
-    loader = make_loader(samples, job.image_size, job.cfg.eval_batch_size, 0, Dist(), False, job.cfg.workers)
-    correct = torch.zeros(dpl.num_classes)
-    total = torch.zeros(dpl.num_classes)
+def tally(job: Job, classnames, batches, desc: str) -> dict:
+    """Top-1 overall and per class from (logits, labels) batches, with a progress bar."""
+    correct = torch.zeros(len(classnames))
+    total = torch.zeros(len(classnames))
     meter = Meter()
-    bar = _progress(loader, job, desc)
-    for images, labels in bar:
-        with autocast(job.device, job.cfg.precision):
-            logits = dpl(images.to(job.device)).float().cpu()
+    bar = _progress(batches, job, desc)
+    for logits, labels in bar:
+        logits = logits.float().cpu()
         meter.update(torch.zeros(()), logits, labels)
         bar.set_postfix(meter.postfix(Dist()))
         hits = (logits.argmax(1) == labels).float()
         correct.index_add_(0, labels, hits)
         total.index_add_(0, labels, torch.ones_like(hits))
-    names = dpl.classnames
-    per_class = {names[i]: (correct[i] / total[i]).item() for i in range(len(names)) if total[i] > 0}
+    per_class = {classnames[i]: (correct[i] / total[i]).item() for i in range(len(classnames)) if total[i] > 0}
     return {"top1": (correct.sum() / total.sum()).item(), "num_test": int(total.sum()), "per_class": per_class}
+
+
+@torch.no_grad()
+def accuracy(job: Job, dpl: FastDPLPrompt, samples, desc="eval") -> dict:
+    """Top-1 overall and per class on ``samples`` (CLIP test preprocessing)."""
+    dpl.eval()
+    loader = make_loader(samples, job.image_size, job.cfg.eval_batch_size, 0, Dist(), False, job.cfg.workers)
+
+    def batches():
+        for images, labels in loader:
+            with autocast(job.device, job.cfg.precision):
+                yield dpl(images.to(job.device)), labels
+    return tally(job, dpl.classnames, batches(), desc)
 
 
 def harmonic_mean(base: float, new: float) -> float:
     return 0.0 if base + new == 0 else 2 * base * new / (base + new)
 
 
-def _evaluate_and_write(job: Job, dpl: FastDPLPrompt, out: Path, stage: str, method: str) -> dict:
-    """Own test set (base and new with --subsample base), then every --eval-datasets entry."""
+def _evaluate_and_write(job: Job, dpl: FastDPLPrompt, out: Path, stage: str, method: str, evaluate=None) -> dict:
+    """Own test set (base and new with --subsample base), then every --eval-datasets entry.
+
+    ``evaluate(job, dpl, samples, desc) -> accuracy dict`` (default: ``accuracy``; TPT passes its own)."""
+    evaluate = evaluate or accuracy
     cfg = job.cfg
     result = {"stage": stage, "method": method, "dataset": cfg.dataset, "shots": cfg.shots, "seed": cfg.seed,
               "model": cfg.model, "pretrained": cfg.pretrained, "subsample": cfg.subsample, "results": {}}
@@ -355,18 +370,19 @@ def _evaluate_and_write(job: Job, dpl: FastDPLPrompt, out: Path, stage: str, met
         return result
     state = dpl.prompt_state_dict()
     own = cfg.dataset if cfg.subsample == "all" else f"{cfg.dataset}[{cfg.subsample}]"
-    result["results"][own] = accuracy(job, dpl, job.splits.test, desc=f"test {own}")
+    result["results"][own] = evaluate(job, dpl, job.splits.test, desc=f"test {own}")
     if cfg.subsample == "base":  # base-to-new: the prompts learned on base classes, applied to the new ones
         new = subsample_classes(load_dataset(cfg.dataset, cfg.root), "new")
         result["results"][f"{cfg.dataset}[new]"] = _transfer(job, dpl, state, new.classnames, new.test,
-                                                              f"test {cfg.dataset}[new]")
+                                                              f"test {cfg.dataset}[new]", evaluate)
         result["base"] = result["results"][own]["top1"]
         result["new"] = result["results"][f"{cfg.dataset}[new]"]["top1"]
         result["hm"] = harmonic_mean(result["base"], result["new"])
     for name in cfg.eval_datasets:  # cross-dataset and domain shift: all of that dataset's classes
         other = load_dataset(name, cfg.root)
         key = name if name not in result["results"] else f"{name} (cross)"
-        result["results"][key] = _transfer(job, dpl, state, other.classnames, other.test, f"test {name}")
+        result["results"][key] = _transfer(job, dpl, state, other.classnames, other.test, f"test {name}",
+                                           evaluate)
     result["top1"] = result["results"][own]["top1"]
     write_text_atomic(out / "results.json", json.dumps(result, indent=1))
     print(results_table(result))
@@ -374,11 +390,11 @@ def _evaluate_and_write(job: Job, dpl: FastDPLPrompt, out: Path, stage: str, met
     return result
 
 
-def _transfer(job: Job, dpl: FastDPLPrompt, state: dict, classnames, samples, desc: str) -> dict:
+def _transfer(job: Job, dpl: FastDPLPrompt, state: dict, classnames, samples, desc: str, evaluate) -> dict:
     """The learned prompts applied to other class names (new classes, another dataset, a domain shift)."""
     other = build_dpl(job, classnames, dpl.mode, dpl.config)
     other.load_prompt_state_dict(state)
-    return accuracy(job, other, samples, desc=desc)
+    return evaluate(job, other, samples, desc=desc)
 
 
 def results_table(result: dict) -> str:
@@ -390,24 +406,80 @@ def results_table(result: dict) -> str:
     return "\n".join(lines)
 
 
-def run_eval(cfg: RunConfig, prompts: str | None = None, stage: str = "eval") -> dict:
-    """Evaluate saved prompts (default: the train stage's) on the test set and --eval-datasets."""
-    job = prepare(cfg)
-    path = Path(prompts) if prompts else Path(cfg.output) / "train" / "prompts.pt"
+def _load_prompted(job: Job, prompts: str | None):
+    path = Path(prompts) if prompts else Path(job.cfg.output) / "train" / "prompts.pt"
     if not path.is_file():
         raise FileNotFoundError(f"no prompts at {path}: run `fastdpl train` first or pass --prompts FILE")
     state = torch.load(path, map_location="cpu", weights_only=False)
     config = PromptConfig.from_dict(state["config"]) if state.get("config") else None
     dpl = build_dpl(job, job.splits.classnames, state["mode"], config) if state["mode"] == "fixed" else \
         FastDPLPrompt(job.model, job.splits.classnames, mode="search", candidate_lengths=state["candidate_lengths"],
-                      towers=state["towers"], template=cfg.template, impl=cfg.impl)
+                      towers=state["towers"], template=job.cfg.template, impl=job.cfg.impl)
     dpl.load_prompt_state_dict(state)
-    return _evaluate_and_write(job, dpl, job.out(stage), stage=stage, method=str(path))
+    return dpl, str(path)
+
+
+def run_eval(cfg: RunConfig, prompts: str | None = None, stage: str = "eval") -> dict:
+    """Evaluate saved prompts (default: the train stage's) on the test set and --eval-datasets."""
+    job = prepare(cfg)
+    dpl, method = _load_prompted(job, prompts)
+    return _evaluate_and_write(job, dpl, job.out(stage), stage=stage, method=method)
 
 
 def run_zeroshot(cfg: RunConfig) -> dict:
     """CLIP with the class template and no prompts (the same code path with a zero-length configuration)."""
     job = prepare(cfg)
-    blocks = {"image": len(image_parts(job.model).blocks), "text": len(text_parts(job.model).blocks)}
+    blocks = block_counts(job.model)
     dpl = build_dpl(job, job.splits.classnames, "fixed", PromptConfig.zero_shot(blocks))
     return _evaluate_and_write(job, dpl, job.out("zeroshot"), stage="zeroshot", method="zero_shot")
+
+
+# ---- test-time prompt tuning -------------------------------------------------------------------------
+IMAGENET_FAMILY = ("imagenet", "imagenet_v2", "imagenet_sketch", "imagenet_a", "imagenet_r")
+
+
+class _TPTImages(torch.utils.data.Dataset):
+    def __init__(self, samples, views):
+        self.samples, self.views = list(samples), views
+
+    def __len__(self):
+        return len(self.samples)
+
+    def __getitem__(self, index):
+        sample = self.samples[index]
+        return self.views(sample.image, seed=index), sample.label
+
+
+def tpt_accuracy(job: Job, dpl: FastDPLPrompt, samples, desc="tpt") -> dict:
+    """Top-1 of TPT predictions: every test image tuned on its own (groups of tpt_group at a time)."""
+    from ..data import canonical_name
+    from ..tpt import TestTimePromptTuner, TPTViews
+
+    cfg = job.cfg
+    augmix = cfg.tpt_augmix
+    if augmix == "auto":
+        augmix = canonical_name(cfg.dataset) not in IMAGENET_FAMILY and not desc.split()[-1].startswith("imagenet")
+    augmix = augmix in (True, "true")
+    tuner = TestTimePromptTuner(dpl, tune=cfg.tpt_tune, context=cfg.tpt_context, keep_fraction=cfg.tpt_keep,
+                                lr=cfg.tpt_lr, steps=cfg.tpt_steps)
+    loader = torch.utils.data.DataLoader(_TPTImages(samples, TPTViews(job.image_size, cfg.tpt_views, augmix)),
+                                         batch_size=cfg.tpt_group, num_workers=cfg.workers)
+
+    def batches():
+        for views, labels in loader:
+            with autocast(job.device, cfg.precision):
+                yield tuner.predict(views.to(job.device)), labels
+    return tally(job, dpl.classnames, batches(), desc)
+
+
+def run_tpt(cfg: RunConfig, prompts: str | None = None) -> dict:
+    """TPT on the test sets: zero-shot CLIP with a learnable context, or saved fixed-mode DPL prompts."""
+    job = prepare(cfg)
+    if prompts:
+        dpl, method = _load_prompted(job, prompts)
+        if dpl.mode != "fixed":
+            raise ValueError(f"tpt needs fixed-mode prompts (a train stage's prompts.pt), got {dpl.mode} mode")
+    else:
+        blocks = block_counts(job.model)
+        dpl, method = build_dpl(job, job.splits.classnames, "fixed", PromptConfig.zero_shot(blocks)), "zero_shot"
+    return _evaluate_and_write(job, dpl, job.out("tpt"), stage="tpt", method=f"tpt+{method}", evaluate=tpt_accuracy)

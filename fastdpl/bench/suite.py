@@ -1,0 +1,114 @@
+"""What every `fastdpl bench` runner shares: shape sets per device, the run loop, the command line,
+and the outputs (JSON with provenance, a markdown summary, a PNG bar chart of the ratios)."""
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from .timing import add_common_arguments, environment, parse_shapes, write_result
+
+
+@dataclass(frozen=True)
+class Suite:
+    name: str
+    gpu_shapes: list
+    cpu_shapes: list
+    smoke_shapes: list
+    bench_shape: Callable  # (shape, device, dtype, impl, repeats, warmup) -> rows
+    format_table: Callable  # rows -> str
+    describe: Callable  # shape -> one line
+    ratio_key: str  # the row field charted in the PNG
+    ratio_label: str
+    repeats: tuple = (20, 5, 2)  # GPU, CPU, smoke
+    gpu_dtype: torch.dtype = torch.float32
+    warmup: int = 1  # untimed calls per provider before timing (1 in smoke runs)
+
+    @property
+    def all_shapes(self) -> list:
+        return self.gpu_shapes + self.cpu_shapes + self.smoke_shapes
+
+
+def run_suite(suite: Suite, device=None, dtype=None, shapes=None, impl="auto", repeats=None, warmup=None, out=None,
+              smoke=False, echo=print) -> dict:
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    gpu = device.type == "cuda"
+    dtype = dtype or (suite.gpu_dtype if gpu else torch.float32)
+    if shapes is None:
+        shapes = suite.smoke_shapes if smoke else (suite.gpu_shapes if gpu else suite.cpu_shapes)
+    repeats = repeats or suite.repeats[2 if smoke else (0 if gpu else 1)]
+    warmup = warmup if warmup is not None else (1 if smoke else suite.warmup)
+    result = {"benchmark": suite.name, "environment": environment(device), "dtype": str(dtype).replace("torch.", ""),
+              "impl": impl, "repeats": repeats, "shapes": [asdict(s) for s in shapes], "rows": []}
+    for shape in shapes:
+        echo(f"# {shape.name}: {suite.describe(shape)}")
+        result["rows"] += suite.bench_shape(shape, device, dtype, impl, repeats, warmup)
+    table = suite.format_table(result["rows"])
+    echo(table)
+    if out is not None:
+        echo(f"wrote {write_outputs(suite, result, out, table)}")
+    return result
+
+
+def _command() -> str:
+    runner = Path(sys.argv[0]).name
+    return " ".join(["fastdpl", *sys.argv[1:]]) if runner in ("fastdpl", "cli.py") else " ".join(sys.argv)
+
+
+def write_outputs(suite: Suite, result: dict, out, table: str, command: str | None = None) -> Path:
+    """<out>.json, <out>.md (command, environment, table) and <out>.png (the ratios)."""
+    out = write_result(result, out)
+    env = result["environment"]
+    command = command or _command()
+    summary = [f"# `{suite.name}` benchmark: {env.get('device')} ({env.get('timestamp', '')[:10]})", "",
+               f"Command: `{command}`", "",
+               f"dtype {result['dtype']}, impl {result['impl']}, {result['repeats']} interleaved repeats (median, IQR); "
+               f"torch {env.get('torch')}, triton {env.get('triton')}, open_clip {env.get('open_clip_torch')}, "
+               f"commit {env.get('commit')}.", "", "```", table, "```", "",
+               f"Chart: `{out.with_suffix('.png').name}` ({suite.ratio_label}).", ""]
+    tmp = out.with_suffix(".md.tmp")
+    tmp.write_text("\n".join(summary))
+    tmp.replace(out.with_suffix(".md"))
+    ratio_chart(result["rows"], suite.ratio_key, suite.ratio_label, out.with_suffix(".png"))
+    return out
+
+
+def ratio_chart(rows, key: str, label: str, path: Path) -> Path | None:
+    """Horizontal bars of row[key] per (shape, provider); a line at 1.0."""
+    bars = [(" / ".join(str(r[k]) for k in ("shape", "mode", "provider") if k in r), r[key])
+            for r in rows if r.get(key) is not None]
+    if not bars:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 0.35 * len(bars) + 1.2))
+    ax.barh([b[0] for b in bars][::-1], [b[1] for b in bars][::-1], color="tab:blue")
+    ax.axvline(1.0, color="black", lw=0.8)
+    ax.set_xlabel(label)
+    ax.tick_params(axis="y", labelsize=7)
+    fig.tight_layout()
+    tmp = path.with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    tmp.replace(path)
+    return path
+
+
+def suite_main(suite: Suite, argv=None, description: str = "") -> int:
+    parser = argparse.ArgumentParser(prog=f"fastdpl bench {suite.name}", description=description)
+    add_common_arguments(parser, default_out=f"bench-out/{suite.name}.json")
+    parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                        help=f"default: {str(suite.gpu_dtype).replace('torch.', '')} on CUDA, float32 on CPU")
+    parser.add_argument("--impl", default="auto", choices=["auto", "eager", "triton", "reference"])
+    args = parser.parse_args(argv)
+    shapes = parse_shapes(parser, args, suite.all_shapes)
+    run_suite(suite, device=args.device, dtype=getattr(torch, args.dtype) if args.dtype else None, shapes=shapes,
+              impl=args.impl, repeats=args.repeats, out=args.out, smoke=args.smoke)
+    return 0

@@ -1,0 +1,101 @@
+"""Benchmark of test-time prompt tuning per test image (fastdpl bench tpt).
+
+One test image = select the confident views, one AdamW step on the text context
+(the TPT paper's setting, zero-shot CLIP), predict the original view. Providers,
+timed interleaved in one run:
+
+* ``fast``: fastdpl.TestTimePromptTuner on one image (image features once without
+  a graph, truncated text tower, last-block rows only);
+* ``fast_group4``: the same with 4 images tuned as one batch of independent prompts
+  (time reported per image);
+* ``literal``: the usual per-image implementation (fastdpl.literal.literal_tpt_predict):
+  the views' image features in every forward, full untruncated text tower, plain autograd.
+
+Reported: median ms per image, images/s, and literal / this.
+"""
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import torch
+
+from fastdpl.config import PromptConfig
+from fastdpl.literal import literal_tpt_predict
+from fastdpl.prompt import FastDPLPrompt
+from fastdpl.tpt import TestTimePromptTuner
+from .step import build_model, classnames
+from .suite import Suite, run_suite, suite_main
+from .timing import summarize, time_interleaved
+
+GROUP = 4
+
+
+@dataclass(frozen=True)
+class TPTShape:
+    name: str
+    model: str
+    views: int
+    classes: int
+
+
+GPU_SHAPES = [TPTShape("b16-64v-100cls", "ViT-B-16", 64, 100), TPTShape("b16-64v-1000cls", "ViT-B-16", 64, 1000)]
+CPU_SHAPES = [TPTShape("b32-16v-100cls", "ViT-B-32", 16, 100)]
+SMOKE_SHAPES = [TPTShape("smoke", "tiny", 4, 5)]
+
+
+def providers(model, shape: TPTShape, impl: str):
+    dpl = FastDPLPrompt(model, classnames(shape.classes), mode="fixed", impl=impl,
+                        config=PromptConfig.zero_shot({"image": len(model.visual.transformer.resblocks),
+                                                       "text": len(model.transformer.resblocks)}))
+    tuner = TestTimePromptTuner(dpl, tune="context", keep_fraction=0.1)
+    return {
+        "fast": lambda views: tuner.predict(views[:1]),
+        f"fast_group{GROUP}": tuner.predict,
+        "literal": lambda views: literal_tpt_predict(tuner, views[0]),
+    }
+
+
+def bench_shape(shape: TPTShape, device, dtype, impl, repeats, warmup):
+    model = build_model(shape.model, device).to(dtype)
+    size = model.visual.image_size
+    size = size[0] if isinstance(size, (tuple, list)) else size
+    gen = torch.Generator().manual_seed(0)
+    view_sets = [torch.randn(GROUP, shape.views, 3, size, size, generator=gen).to(device, dtype) for _ in range(2)]
+    calls = {name: functools.partial(lambda fn, i: fn(view_sets[i % 2]), fn)
+             for name, fn in providers(model, shape, impl).items()}
+    rows = []
+    for name, times in time_interleaved(calls, device, repeats, warmup).items():
+        per_image = [t / GROUP for t in times] if name.startswith("fast_group") else times
+        rows.append(dict(shape=shape.name, provider=name, **summarize(per_image)))
+    literal = next(r["median_ms"] for r in rows if r["provider"] == "literal")
+    for r in rows:
+        r["images_per_s"] = 1000.0 / r["median_ms"]
+        r["literal_over_this"] = literal / r["median_ms"]
+    return rows
+
+
+def format_table(rows) -> str:
+    header = f"{'shape':<16} {'provider':<12} {'ms/image':>10} {'IQR ms':>21} {'images/s':>9} {'literal/this':>13}"
+    lines = [header, "-" * len(header)]
+    for r in rows:
+        lines.append(f"{r['shape']:<16} {r['provider']:<12} {r['median_ms']:>10.1f} "
+                     f"{r['q1_ms']:>10.1f}-{r['q3_ms']:<10.1f} {r['images_per_s']:>9.2f} {r['literal_over_this']:>13.2f}")
+    return "\n".join(lines)
+
+
+SUITE = Suite("tpt", GPU_SHAPES, CPU_SHAPES, SMOKE_SHAPES, bench_shape, format_table,
+              lambda s: f"{s.model}, {s.views} views, {s.classes} classes, tuning the context",
+              "literal_over_this", "speed-up over the literal per-image TPT (x)", repeats=(20, 7, 2))
+
+
+def run(**kwargs):
+    return run_suite(SUITE, **kwargs)
+
+
+def main(argv=None):
+    return suite_main(SUITE, argv, __doc__.split("\n\n")[0])
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
