@@ -173,14 +173,5 @@ SUITE = Suite("op", GPU_SHAPES, CPU_SHAPES, SMOKE_SHAPES,
               "vs_single_path", "time / one SDPA over N + max(lengths) keys (x)", repeats=(30, 7, 2),
               gpu_dtype=torch.bfloat16, warmup=2)
 
-
-def run(**kwargs):
-    return run_suite(SUITE, **kwargs)
-
-
-def main(argv=None):
-    return suite_main(SUITE, argv, __doc__.split("\n\n")[0])
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
+run = functools.partial(run_suite, SUITE)  # run(device=..., smoke=..., out=...) -> result dict
+main = functools.partial(suite_main, SUITE, description=__doc__.split("\n\n")[0])  # main(argv) -> exit code

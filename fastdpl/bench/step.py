@@ -147,14 +147,5 @@ SUITE = Suite("step", GPU_SHAPES, CPU_SHAPES, SMOKE_SHAPES, bench_shape, format_
               lambda s: f"{s.model}, image batch {s.batch}, {s.classes} classes, lengths {list(s.lengths)}",
               "vs_single_path", "time / single-path step (x)", repeats=(20, 5, 2))
 
-
-def run(**kwargs):
-    return run_suite(SUITE, **kwargs)
-
-
-def main(argv=None):
-    return suite_main(SUITE, argv, __doc__.split("\n\n")[0])
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
+run = functools.partial(run_suite, SUITE)  # run(device=..., smoke=..., out=...) -> result dict
+main = functools.partial(suite_main, SUITE, description=__doc__.split("\n\n")[0])  # main(argv) -> exit code

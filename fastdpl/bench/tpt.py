@@ -88,14 +88,5 @@ SUITE = Suite("tpt", GPU_SHAPES, CPU_SHAPES, SMOKE_SHAPES, bench_shape, format_t
               lambda s: f"{s.model}, {s.views} views, {s.classes} classes, tuning the context",
               "literal_over_this", "speed-up over the literal per-image TPT (x)", repeats=(20, 7, 2))
 
-
-def run(**kwargs):
-    return run_suite(SUITE, **kwargs)
-
-
-def main(argv=None):
-    return suite_main(SUITE, argv, __doc__.split("\n\n")[0])
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
+run = functools.partial(run_suite, SUITE)  # run(device=..., smoke=..., out=...) -> result dict
+main = functools.partial(suite_main, SUITE, description=__doc__.split("\n\n")[0])  # main(argv) -> exit code
