@@ -49,7 +49,7 @@ def main(argv=None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     bench = sub.add_parser("bench", help="benchmarks (fastdpl bench op --help, fastdpl bench step --help)",
                            add_help=False)
-    bench.add_argument("suite", nargs="?", default="op", choices=["op", "step", "tpt"])
+    bench.add_argument("suite", nargs="?", default="op", choices=["op", "block", "step", "tpt"])
     _stage_parsers(sub)
     if argv[:1] == ["bench"]:
         args, rest = parser.parse_known_args(argv)

@@ -102,7 +102,8 @@ def test_step_runner_writes_json(tmp_path):
     step.run(device="cpu", smoke=True, impl="eager", out=out, echo=lambda *_: None)
     saved = json.loads(out.read_text())
     rows = {r["provider"]: r for r in saved["rows"]}
-    assert set(rows) == {"search", "single_path", "literal"}
+    assert set(rows) == {"search", "single_path", "literal", "train", "train_literal"}
+    assert rows["train_literal"]["literal_over_this"] == 1.0
     for row in rows.values():
         assert row["median_ms"] > 0
     assert rows["single_path"]["vs_single_path"] == 1.0
@@ -117,9 +118,27 @@ def test_step_providers_compute_the_same_supernet():
     shape = step.SMOKE_SHAPES[0]
     calls = step.providers(model, shape, "eager")
     images = torch.randn(shape.batch, 3, 32, 32)
-    search_grads, literal_grads = calls["search"](images), calls["literal"](images)
-    for a, b in zip(search_grads, literal_grads):
-        assert torch.allclose(a, b, rtol=1e-4, atol=1e-6)
+    for fast, literal in (("search", "literal"), ("train", "train_literal")):
+        for a, b in zip(calls[fast](images), calls[literal](images)):
+            assert torch.allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_block_providers_differentiate_the_same_block():
+    """The fused search block and the literal per-candidate block: same gradients, in float64."""
+    from fastdpl.bench import block
+
+    shape = block.SMOKE_SHAPES[0]
+    calls = block.providers(shape, torch.device("cpu"), torch.float64, "eager")
+    x = torch.randn(shape.batch, shape.n, shape.width, dtype=torch.float64, requires_grad=True)
+    gx, g_mixture, g_alpha = calls["search"](x)
+    lx, l_alpha, *l_prompts = calls["literal"](x)
+    torch.testing.assert_close(gx, lx, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(g_alpha, l_alpha, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(g_mixture, torch.cat(l_prompts), rtol=1e-9, atol=1e-12)
+    assert g_alpha.abs().max() > 0
+    out = Path(__import__("tempfile").mkdtemp()) / "block.json"
+    rows = block.run(device="cpu", smoke=True, impl="eager", out=out, echo=lambda *_: None)["rows"]
+    assert {r["provider"] for r in rows} == {"search", "single_path", "literal", "plain"}
 
 
 def test_tpt_runner_writes_json_and_its_providers_agree(tmp_path):

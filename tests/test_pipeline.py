@@ -298,3 +298,25 @@ def test_cli_reports_bad_settings_without_a_traceback(tmp_path):
                            str(tmp_path / "missing"), "--model", "tiny", "--output", str(tmp_path / "o")],
                           capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)}, cwd=ROOT)
     assert done.returncode == 2 and "error: missing data root" in done.stderr and "Traceback" not in done.stderr
+
+
+# ---- NVTX ------------------------------------------------------------------------------------------------
+def test_pipeline_nvtx_ranges_in_pairs_when_enabled_and_absent_when_disabled(tmp_path, monkeypatch):
+    from fastdpl import profiling
+
+    events = []
+    monkeypatch.setattr(profiling, "_push", lambda name: events.append(("push", name)))
+    monkeypatch.setattr(profiling, "_pop", lambda: events.append(("pop", None)))
+    monkeypatch.setattr(profiling, "_enabled", False)
+    stages.run_search(quick(tmp_path, name="off", search_epochs=1, shots=1, batch_size=5))
+    assert events == []
+    monkeypatch.setattr(profiling, "_enabled", True)
+    stages.run_search(quick(tmp_path, name="on", search_epochs=1, shots=1, batch_size=5))
+    names = {name for kind, name in events if kind == "push"}
+    assert {f"fastdpl/pipeline/{stage}" for stage in ("data", "forward", "backward", "optimizer")} <= names
+    assert {"fastdpl/image/block0", "fastdpl/text/block3/attn"} <= names
+    depth = 0
+    for kind, _ in events:
+        depth += 1 if kind == "push" else -1
+        assert depth >= 0
+    assert depth == 0

@@ -8,10 +8,12 @@ the architecture logits). Providers, timed interleaved in one run:
 * ``single_path``: FastDPLPrompt in fixed mode with every block at the largest
   length, i.e. one prompted model: the cost the supernet should approach;
 * ``literal``: the authors'-style supernet (fastdpl.literal): one full
-  nn.MultiheadAttention per candidate, untruncated text.
+  nn.MultiheadAttention per candidate, untruncated text;
+* ``train`` and ``train_literal``: the train stage's step (fixed mode, a
+  heterogeneous configuration drawn with a seed) and the same literally.
 
 Reported: median and interquartile range, peak memory (CUDA), and the ratios
-search / single_path and literal / search.
+search / single_path, literal / search and train_literal / train.
 """
 from __future__ import annotations
 
@@ -24,8 +26,7 @@ import torch.nn.functional as F
 from fastdpl.config import PromptConfig
 from fastdpl.literal import literal_logits
 from fastdpl.prompt import FastDPLPrompt
-from .suite import Suite, run_suite, suite_main
-from .timing import peak_memory_mb, summarize, time_interleaved
+from .suite import Suite, add_ratios, run_suite, suite_main, time_calls
 
 
 @dataclass(frozen=True)
@@ -90,40 +91,40 @@ def providers(model, shape: StepShape, impl: str):
     device = next(model.parameters()).device
     labels = torch.arange(shape.batch, device=device) % shape.classes
     search_params = search.arch_parameters() + search.prompt_parameters()
+    # The train stage: a heterogeneous configuration such as a search derives (lengths drawn with a seed).
+    g = torch.Generator().manual_seed(0)
+    derived = PromptConfig({t: tuple(shape.lengths[i] for i in torch.randint(len(shape.lengths), (n,), generator=g))
+                            for t, n in blocks.items()})
+    train = FastDPLPrompt(model, names, mode="fixed", impl=impl, config=derived).train()
     return {
         "search": step_fn(search, search_params, labels),
         "single_path": step_fn(single, single.prompt_parameters(), labels),
         "literal": step_fn(functools.partial(literal_logits, search), search_params, labels),
+        "train": step_fn(train, train.prompt_parameters(), labels),
+        "train_literal": step_fn(functools.partial(literal_logits, train), train.prompt_parameters(), labels),
     }
 
 
-def bench_shape(shape: StepShape, device, dtype, impl, repeats, warmup):
+def make_calls(shape: StepShape, device, dtype, impl) -> dict:
+    """{provider: call(i)}: one step on input set i (two random image batches rotate)."""
     model = build_model(shape.model, device).to(dtype)
     image_size = model.visual.image_size[0]
     gen = torch.Generator().manual_seed(0)
     image_sets = [torch.randn(shape.batch, 3, image_size, image_size, generator=gen).to(device, dtype)
                   for _ in range(2)]
-    rows, calls = [], {}
-    for name, fn in providers(model, shape, impl).items():
-        call = functools.partial(lambda fn, i: fn(image_sets[i % len(image_sets)]), fn)
-        try:
-            call(0)
-        except Exception as exc:  # noqa: BLE001 - e.g. out of memory for the literal supernet
-            rows.append(dict(shape=shape.name, provider=name, error=f"{type(exc).__name__}: {str(exc)[:200]}"))
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
-            continue
-        calls[name] = call
-    samples = time_interleaved(calls, device, repeats, warmup)
-    for name, times in samples.items():
-        rows.append(dict(shape=shape.name, provider=name, **summarize(times),
-                         peak_memory_mb=peak_memory_mb(lambda: calls[name](0), device)))
-    timed = {r["provider"]: r for r in rows if "median_ms" in r}
-    for r in timed.values():
-        r["vs_single_path"] = r["median_ms"] / timed["single_path"]["median_ms"] if "single_path" in timed else None
-        r["literal_over_this"] = timed["literal"]["median_ms"] / r["median_ms"] if "literal" in timed else None
-        single_mem = timed.get("single_path", {}).get("peak_memory_mb")
-        r["memory_vs_single_path"] = (r["peak_memory_mb"] / single_mem) if single_mem and r["peak_memory_mb"] else None
+    return {name: functools.partial(lambda fn, i: fn(image_sets[i % len(image_sets)]), fn)
+            for name, fn in providers(model, shape, impl).items()}
+
+
+def bench_shape(shape: StepShape, device, dtype, impl, repeats, warmup):
+    rows = time_calls(shape.name, make_calls(shape, device, dtype, impl), device, repeats, warmup)
+    add_ratios(rows, "single_path", "vs_single_path")
+    add_ratios(rows, "literal", "literal_over_this", invert=True, only=lambda name: not name.startswith("train"))
+    add_ratios(rows, "train_literal", "literal_over_this", invert=True, only=lambda name: name.startswith("train"))
+    single_mem = {r["shape"]: r.get("peak_memory_mb") for r in rows if r["provider"] == "single_path"}
+    for r in rows:
+        mem = single_mem.get(r["shape"])
+        r["memory_vs_single_path"] = r["peak_memory_mb"] / mem if mem and r.get("peak_memory_mb") else None
     return rows
 
 

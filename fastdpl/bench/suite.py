@@ -10,7 +10,9 @@ from typing import Callable
 
 import torch
 
-from .timing import add_common_arguments, environment, parse_shapes, write_result
+from .timing import (
+    add_common_arguments, environment, parse_shapes, peak_memory_mb, summarize, time_interleaved, write_result,
+)
 
 
 @dataclass(frozen=True)
@@ -31,6 +33,36 @@ class Suite:
     @property
     def all_shapes(self) -> list:
         return self.gpu_shapes + self.cpu_shapes + self.smoke_shapes
+
+
+def time_calls(shape_name: str, calls: dict, device, repeats: int, warmup: int, per_call: dict | None = None) -> list:
+    """Rows for ``calls`` {provider: call(i)} timed interleaved; a provider whose first call fails
+    (say, out of memory) gets an error row instead. ``per_call`` {provider: n}: times divided by n."""
+    rows, ok = [], {}
+    for name, call in calls.items():
+        try:
+            call(0)
+        except Exception as exc:  # noqa: BLE001 - e.g. out of memory for a literal baseline
+            rows.append(dict(shape=shape_name, provider=name, error=f"{type(exc).__name__}: {str(exc)[:200]}"))
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            continue
+        ok[name] = call
+    for name, times in time_interleaved(ok, device, repeats, warmup).items():
+        n = (per_call or {}).get(name, 1)
+        rows.append(dict(shape=shape_name, provider=name, **summarize([t / n for t in times]),
+                         peak_memory_mb=peak_memory_mb(lambda: ok[name](0), device)))
+    return rows
+
+
+def add_ratios(rows: list, baseline: str, key: str, invert: bool = False, only: Callable = lambda name: True) -> None:
+    """row[key] = time / baseline's time (invert: baseline's time / time), per shape; None without it.
+    ``only(provider)`` limits which rows get the ratio."""
+    base = {r["shape"]: r["median_ms"] for r in rows if r.get("provider") == baseline and "median_ms" in r}
+    for r in rows:
+        if "median_ms" in r and only(r["provider"]):
+            b = base.get(r["shape"])
+            r[key] = None if b is None else (b / r["median_ms"] if invert else r["median_ms"] / b)
 
 
 def run_suite(suite: Suite, device=None, dtype=None, shapes=None, impl="auto", repeats=None, warmup=None, out=None,

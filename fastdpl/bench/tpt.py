@@ -25,8 +25,7 @@ from fastdpl.literal import literal_tpt_predict
 from fastdpl.prompt import FastDPLPrompt
 from fastdpl.tpt import TestTimePromptTuner
 from .step import build_model, classnames
-from .suite import Suite, run_suite, suite_main
-from .timing import summarize, time_interleaved
+from .suite import Suite, add_ratios, run_suite, suite_main, time_calls
 
 GROUP = 4
 
@@ -56,31 +55,38 @@ def providers(model, shape: TPTShape, impl: str):
     }
 
 
-def bench_shape(shape: TPTShape, device, dtype, impl, repeats, warmup):
+def make_calls(shape: TPTShape, device, dtype, impl) -> dict:
+    """{provider: call(i)}: TPT on input set i (two random view sets rotate; the group provider takes 4 images)."""
     model = build_model(shape.model, device).to(dtype)
     size = model.visual.image_size
     size = size[0] if isinstance(size, (tuple, list)) else size
     gen = torch.Generator().manual_seed(0)
     view_sets = [torch.randn(GROUP, shape.views, 3, size, size, generator=gen).to(device, dtype) for _ in range(2)]
-    calls = {name: functools.partial(lambda fn, i: fn(view_sets[i % 2]), fn)
-             for name, fn in providers(model, shape, impl).items()}
-    rows = []
-    for name, times in time_interleaved(calls, device, repeats, warmup).items():
-        per_image = [t / GROUP for t in times] if name.startswith("fast_group") else times
-        rows.append(dict(shape=shape.name, provider=name, **summarize(per_image)))
-    literal = next(r["median_ms"] for r in rows if r["provider"] == "literal")
+    return {name: functools.partial(lambda fn, i: fn(view_sets[i % 2]), fn)
+            for name, fn in providers(model, shape, impl).items()}
+
+
+def bench_shape(shape: TPTShape, device, dtype, impl, repeats, warmup):
+    rows = time_calls(shape.name, make_calls(shape, device, dtype, impl), device, repeats, warmup,
+                      per_call={f"fast_group{GROUP}": GROUP})
+    add_ratios(rows, "literal", "literal_over_this", invert=True)
     for r in rows:
-        r["images_per_s"] = 1000.0 / r["median_ms"]
-        r["literal_over_this"] = literal / r["median_ms"]
+        r["images_per_s"] = 1000.0 / r["median_ms"] if "median_ms" in r else None
     return rows
 
 
 def format_table(rows) -> str:
-    header = f"{'shape':<16} {'provider':<12} {'ms/image':>10} {'IQR ms':>21} {'images/s':>9} {'literal/this':>13}"
+    header = f"{'shape':<16} {'provider':<12} {'ms/image':>10} {'IQR ms':>21} {'images/s':>9} {'peak MB':>8} " \
+             f"{'literal/this':>13}"
     lines = [header, "-" * len(header)]
     for r in rows:
+        if "error" in r:
+            lines.append(f"{r['shape']:<16} {r['provider']:<12} unavailable: {r['error']}")
+            continue
+        mem = "-" if r.get("peak_memory_mb") is None else f"{r['peak_memory_mb']:.0f}"
         lines.append(f"{r['shape']:<16} {r['provider']:<12} {r['median_ms']:>10.1f} "
-                     f"{r['q1_ms']:>10.1f}-{r['q3_ms']:<10.1f} {r['images_per_s']:>9.2f} {r['literal_over_this']:>13.2f}")
+                     f"{r['q1_ms']:>10.1f}-{r['q3_ms']:<10.1f} {r['images_per_s']:>9.2f} {mem:>8} "
+                     f"{r['literal_over_this']:>13.2f}")
     return "\n".join(lines)
 
 
