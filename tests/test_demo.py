@@ -10,6 +10,8 @@ def test_demo_dpl_beats_zero_shot(tmp_path, capsys):
     assert (tmp_path / "demo" / "dpl" / "search" / "alpha_evolution.png").is_file()
     printed = capsys.readouterr().out
     assert "| zero-shot CLIP |" in printed and "| DPL (searched) |" in printed
+    # Running the demo again picks up its finished checkpoints: same table, no retraining.
+    assert run_demo(demo_config(output=str(tmp_path / "demo"), progress=False)) == table
 
 
 def test_check_data_cli_on_builtin_digits(capsys):

@@ -291,6 +291,33 @@ def test_chunked_text_with_checkpointing_equals_unchunked():
         assert normalised_error(g, r) < 1e-5
 
 
+def _saved_activation_bytes(dpl, images) -> int:
+    """Bytes of the distinct tensors autograd keeps for the backward of one step's loss."""
+    storages = {}
+
+    def pack(t):
+        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = dpl(images).logsumexp(1).mean()
+    loss.backward()
+    return sum(storages.values())
+
+
+def test_chunked_text_keeps_a_fraction_of_the_activations_at_1000_classes():
+    """What lets a 1000-class step fit where a plain one would not: with chunks of 100 classes and
+    activation checkpointing, the step holds for backward only the chunks' inputs, not every block's
+    activations over all 1000 class texts."""
+    model = tiny_clip()
+    names = [f"class number {i}" for i in range(1000)]
+    plain = FastDPLPrompt(model, names, impl="eager", candidate_lengths=(0, 2))
+    chunked = FastDPLPrompt(model, names, impl="eager", candidate_lengths=(0, 2), text_chunk_size=100)
+    images = _images(batch=2)
+    full, small = _saved_activation_bytes(plain, images), _saved_activation_bytes(chunked, images)
+    assert small < 0.2 * full, (small, full)
+
+
 @pytest.mark.slow
 def test_torch_compile_matches_eager():
     dpl = FastDPLPrompt(tiny_clip(), CLASSNAMES[:3], candidate_lengths=(0, 2, 3), impl="eager").train()
