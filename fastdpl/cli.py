@@ -28,7 +28,8 @@ def _stage_parsers(sub) -> None:
         parser = sub.add_parser(stage, help=helps[stage])
         add_config_arguments(parser)
         if stage in ("eval", "tpt"):
-            default = "<output>/train/prompts.pt" if stage == "eval" else "none: zero-shot CLIP with a learnable context"
+            default = ("<output>/train/prompts.pt" if stage == "eval"
+                       else "none: zero-shot CLIP with a learnable context")
             parser.add_argument("--prompts", help=f"prompts file (default: {default})")
     demo = sub.add_parser("demo", help="offline demo on the built-in tiny CLIP and digits")
     demo.add_argument("--output", default="runs/demo")

@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def quick(tmp_path, name="run", **overrides) -> RunConfig:
-    settings = dict(shots=2, search_epochs=2, train_epochs=2, batch_size=4, output=str(tmp_path / name),
+    settings = dict(shots=2, search_epochs=2, train_epochs=2, batch_size=4, output=str(tmp_path / name), resume=False,
                     progress=False, eval_batch_size=256)
     return demo_config(**{**settings, **overrides})
 
@@ -97,6 +97,7 @@ def test_train_eval_and_base_to_new(tmp_path):
     assert saved["hm"] == pytest.approx(result["hm"])
     # Cross-dataset evaluation of the saved prompts recomputes the same numbers.
     again = stages.run_eval(quick(tmp_path, subsample="base", eval_datasets=["builtin:digits"]))
+    assert (again["stage"], again["method"]) == ("eval", "uniform:2:2")  # groups across seeds in reports
     assert again["results"]["builtin:digits[new]"]["top1"] == result["results"]["builtin:digits[new]"]["top1"]
     per_class = result["results"]["builtin:digits[base]"]["per_class"]
     assert min(per_class.values()) >= 0 and max(per_class.values()) <= 1
@@ -200,7 +201,8 @@ def test_killed_search_resumes_to_the_same_alpha_and_accuracy(tmp_path):
     for group in ("arch_logits", "prompts"):
         for key in a[group]:
             torch.testing.assert_close(b[group][key], a[group][key], rtol=1e-6, atol=1e-7)
-    history = [json.loads((tmp_path / run / "search" / "alpha_history.json").read_text()) for run in ("whole", "killed")]
+    history = [json.loads((tmp_path / run / "search" / "alpha_history.json").read_text())
+               for run in ("whole", "killed")]
     assert [h["accuracy"] for h in history[0]] == pytest.approx([h["accuracy"] for h in history[1]])
     accuracies = [stages.run_eval(quick(tmp_path, output=str(tmp_path / run), shots=4),
                                   prompts=str(tmp_path / run / "search" / "prompts.pt"))["top1"]

@@ -157,4 +157,4 @@ def test_tpt_stage_on_a_small_folder_dataset(tmp_path):
     assert saved["stage"] == "tpt"
     stages.run_train(demo_config(**common, prompt_config="uniform:2:2"))
     tuned = stages.run_tpt(demo_config(**common), prompts=str(tmp_path / "run" / "train" / "prompts.pt"))
-    assert tuned["method"].startswith("tpt+") and tuned["method"].endswith("prompts.pt")
+    assert tuned["method"] == "tpt+uniform:2:2"

@@ -98,7 +98,8 @@ def write_outputs(suite: Suite, result: dict, out, table: str, command: str | No
     command = command or _command()
     summary = [f"# `{suite.name}` benchmark: {env.get('device')} ({env.get('timestamp', '')[:10]})", "",
                f"Command: `{command}`", "",
-               f"dtype {result['dtype']}, impl {result['impl']}, {result['repeats']} interleaved repeats (median, IQR); "
+               f"dtype {result['dtype']}, impl {result['impl']}, "
+               f"{result['repeats']} interleaved repeats (median, IQR); "
                f"torch {env.get('torch')}, triton {env.get('triton')}, open_clip {env.get('open_clip_torch')}, "
                f"commit {env.get('commit')}.", "", "```", table, "```", "",
                f"Chart: `{out.with_suffix('.png').name}` ({suite.ratio_label}).", ""]

@@ -215,7 +215,8 @@ def run_search(cfg: RunConfig) -> dict:
         from .plots import plot_alpha_evolution, plot_alpha_heatmap
 
         config.save(out / "prompt_config.json")
-        save_atomic(dpl.prompt_state_dict(), out / "prompts.pt")  # the supernet, for `fastdpl eval --prompts`
+        # the supernet, for `fastdpl eval --prompts`; "method" names it in eval results and reports
+        save_atomic({**dpl.prompt_state_dict(), "method": "dpl-supernet"}, out / "prompts.pt")
         plot_alpha_heatmap(dpl, out / "alpha_heatmap.png")
         plot_alpha_evolution(history, dpl.candidate_lengths, out / "alpha_evolution.png")
         print(f"derived configuration ({out / 'prompt_config.json'}):\n{config}")
@@ -225,7 +226,8 @@ def run_search(cfg: RunConfig) -> dict:
 
 def _log_epoch(job: Job, stage: str, entry: dict) -> None:
     if job.cfg.progress:
-        tqdm.write(f"{stage} epoch {entry['epoch']}: loss {entry['loss']:.4f}, train acc {100 * entry['accuracy']:.1f}%")
+        tqdm.write(f"{stage} epoch {entry['epoch']}: loss {entry['loss']:.4f}, "
+                   f"train acc {100 * entry['accuracy']:.1f}%")
 
 
 # ---- train --------------------------------------------------------------------------------------------
@@ -318,7 +320,7 @@ def run_train(cfg: RunConfig) -> dict:
             if job.ranks.main:
                 _log_epoch(job, "train", history[-1])
     if job.ranks.main:
-        save_atomic(dpl.prompt_state_dict(), out / "prompts.pt")
+        save_atomic({**dpl.prompt_state_dict(), "method": method}, out / "prompts.pt")
     return _evaluate_and_write(job, dpl, out, stage="train", method=method)
 
 
@@ -357,14 +359,16 @@ def harmonic_mean(base: float, new: float) -> float:
     return 0.0 if base + new == 0 else 2 * base * new / (base + new)
 
 
-def _evaluate_and_write(job: Job, dpl: FastDPLPrompt, out: Path, stage: str, method: str, evaluate=None) -> dict:
+def _evaluate_and_write(job: Job, dpl: FastDPLPrompt, out: Path, stage: str, method: str, evaluate=None,
+                        extra: dict | None = None) -> dict:
     """Own test set (base and new with --subsample base), then every --eval-datasets entry.
 
     ``evaluate(job, dpl, samples, desc) -> accuracy dict`` (default: ``accuracy``; TPT passes its own)."""
     evaluate = evaluate or accuracy
     cfg = job.cfg
     result = {"stage": stage, "method": method, "dataset": cfg.dataset, "shots": cfg.shots, "seed": cfg.seed,
-              "model": cfg.model, "pretrained": cfg.pretrained, "subsample": cfg.subsample, "results": {}}
+              "model": cfg.model, "pretrained": cfg.pretrained, "subsample": cfg.subsample, **(extra or {}),
+              "results": {}}
     if not job.ranks.main:
         barrier(job.ranks)
         return result
@@ -416,14 +420,14 @@ def _load_prompted(job: Job, prompts: str | None):
         FastDPLPrompt(job.model, job.splits.classnames, mode="search", candidate_lengths=state["candidate_lengths"],
                       towers=state["towers"], template=job.cfg.template, impl=job.cfg.impl)
     dpl.load_prompt_state_dict(state)
-    return dpl, str(path)
+    return dpl, state.get("method", "prompts"), str(path)  # the method label is the same for every seed
 
 
 def run_eval(cfg: RunConfig, prompts: str | None = None, stage: str = "eval") -> dict:
     """Evaluate saved prompts (default: the train stage's) on the test set and --eval-datasets."""
     job = prepare(cfg)
-    dpl, method = _load_prompted(job, prompts)
-    return _evaluate_and_write(job, dpl, job.out(stage), stage=stage, method=method)
+    dpl, method, path = _load_prompted(job, prompts)
+    return _evaluate_and_write(job, dpl, job.out(stage), stage=stage, method=method, extra={"prompts": path})
 
 
 def run_zeroshot(cfg: RunConfig) -> dict:
@@ -476,10 +480,12 @@ def run_tpt(cfg: RunConfig, prompts: str | None = None) -> dict:
     """TPT on the test sets: zero-shot CLIP with a learnable context, or saved fixed-mode DPL prompts."""
     job = prepare(cfg)
     if prompts:
-        dpl, method = _load_prompted(job, prompts)
+        dpl, method, path = _load_prompted(job, prompts)
         if dpl.mode != "fixed":
             raise ValueError(f"tpt needs fixed-mode prompts (a train stage's prompts.pt), got {dpl.mode} mode")
     else:
         blocks = block_counts(job.model)
-        dpl, method = build_dpl(job, job.splits.classnames, "fixed", PromptConfig.zero_shot(blocks)), "zero_shot"
-    return _evaluate_and_write(job, dpl, job.out("tpt"), stage="tpt", method=f"tpt+{method}", evaluate=tpt_accuracy)
+        dpl, method, path = build_dpl(job, job.splits.classnames, "fixed", PromptConfig.zero_shot(blocks)), \
+            "zero_shot", None
+    return _evaluate_and_write(job, dpl, job.out("tpt"), stage="tpt", method=f"tpt+{method}", evaluate=tpt_accuracy,
+                               extra={"prompts": path})
