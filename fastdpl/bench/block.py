@@ -20,7 +20,7 @@ import torch
 
 from fastdpl.literal import _literal_block
 from fastdpl.towers import project_prompts, prompted_block
-from .suite import Suite, add_ratios, run_suite, suite_main, time_calls
+from .suite import Suite, add_ratios, run_suite, suite_main, table, time_calls
 
 
 @dataclass(frozen=True)
@@ -103,18 +103,9 @@ def bench_shape(shape: BlockShape, device, dtype, impl, repeats, warmup):
 
 
 def format_table(rows) -> str:
-    header = f"{'shape':<18} {'provider':<12} {'median ms':>10} {'IQR ms':>19} {'peak MB':>8} {'x single':>9} " \
-             f"{'literal/this':>13}"
-    lines = [header, "-" * len(header)]
-    for r in rows:
-        if "error" in r:
-            lines.append(f"{r['shape']:<18} {r['provider']:<12} unavailable: {r['error']}")
-            continue
-        mem = "-" if r.get("peak_memory_mb") is None else f"{r['peak_memory_mb']:.0f}"
-        lines.append(f"{r['shape']:<18} {r['provider']:<12} {r['median_ms']:>10.2f} "
-                     f"{r['q1_ms']:>9.2f}-{r['q3_ms']:<9.2f} {mem:>8} {r['vs_single_path']:>9.2f} "
-                     f"{r['literal_over_this']:>13.2f}")
-    return "\n".join(lines)
+    return table(rows, [("shape", 18), ("provider", 12)],
+                 [("median ms", "median_ms", ".2f"), ("IQR ms", "iqr", ".2f"), ("peak MB", "peak_memory_mb", ".0f"),
+                  ("x single", "vs_single_path", ".2f"), ("literal/this", "literal_over_this", ".2f")])
 
 
 SUITE = Suite("block", GPU_SHAPES, CPU_SHAPES, SMOKE_SHAPES, bench_shape, format_table,

@@ -23,7 +23,7 @@ import torch
 
 from fastdpl.ops import mixture_prefix_attention, triton_available
 from . import peers
-from .suite import Suite, run_suite, suite_main
+from .suite import Suite, run_suite, suite_main, table
 from .timing import peak_memory_mb, summarize, time_interleaved
 
 
@@ -150,20 +150,10 @@ def _add_ratios(rows):
 
 
 def format_table(rows) -> str:
-    header = f"{'shape':<18} {'mode':<8} {'provider':<20} {'median ms':>10} {'IQR ms':>15} {'peak MB':>8} " \
-             f"{'TFLOP/s':>8} {'x single':>9} {'ref/this':>9}"
-    lines = [header, "-" * len(header)]
-    for r in rows:
-        if "error" in r:
-            lines.append(f"{r['shape']:<18} {r['mode']:<8} {r['provider']:<20} unavailable: {r['error']}")
-            continue
-        mem = "-" if r["peak_memory_mb"] is None else f"{r['peak_memory_mb']:.0f}"
-        ratio = lambda x: "-" if x is None else f"{x:.2f}"  # noqa: E731
-        lines.append(
-            f"{r['shape']:<18} {r['mode']:<8} {r['provider']:<20} {r['median_ms']:>10.3f} "
-            f"{r['q1_ms']:>7.3f}-{r['q3_ms']:<7.3f} {mem:>8} {r['tflops']:>8.3f} "
-            f"{ratio(r['vs_single_path']):>9} {ratio(r['speedup_vs_reference']):>9}")
-    return "\n".join(lines)
+    return table(rows, [("shape", 18), ("mode", 8), ("provider", 20)],
+                 [("median ms", "median_ms", ".3f"), ("IQR ms", "iqr", ".3f"), ("peak MB", "peak_memory_mb", ".0f"),
+                  ("TFLOP/s", "tflops", ".3f"), ("x single", "vs_single_path", ".2f"),
+                  ("ref/this", "speedup_vs_reference", ".2f")])
 
 
 SUITE = Suite("op", GPU_SHAPES, CPU_SHAPES, SMOKE_SHAPES,

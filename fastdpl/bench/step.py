@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from fastdpl.config import PromptConfig
 from fastdpl.literal import literal_logits
 from fastdpl.prompt import FastDPLPrompt
-from .suite import Suite, add_ratios, run_suite, suite_main, time_calls
+from .suite import Suite, add_ratios, run_suite, suite_main, table, time_calls
 
 
 @dataclass(frozen=True)
@@ -129,19 +129,10 @@ def bench_shape(shape: StepShape, device, dtype, impl, repeats, warmup):
 
 
 def format_table(rows) -> str:
-    header = f"{'shape':<12} {'provider':<12} {'median ms':>11} {'IQR ms':>21} {'peak MB':>9} {'x single':>9} " \
-             f"{'mem x single':>13} {'literal/this':>13}"
-    lines = [header, "-" * len(header)]
-    fmt = lambda x, spec=".2f": "-" if x is None else format(x, spec)  # noqa: E731
-    for r in rows:
-        if "error" in r:
-            lines.append(f"{r['shape']:<12} {r['provider']:<12} unavailable: {r['error']}")
-            continue
-        lines.append(f"{r['shape']:<12} {r['provider']:<12} {r['median_ms']:>11.1f} "
-                     f"{r['q1_ms']:>10.1f}-{r['q3_ms']:<10.1f} {fmt(r['peak_memory_mb'], '.0f'):>9} "
-                     f"{fmt(r['vs_single_path']):>9} {fmt(r['memory_vs_single_path']):>13} "
-                     f"{fmt(r['literal_over_this']):>13}")
-    return "\n".join(lines)
+    return table(rows, [("shape", 12), ("provider", 13)],
+                 [("median ms", "median_ms", ".1f"), ("IQR ms", "iqr", ".1f"), ("peak MB", "peak_memory_mb", ".0f"),
+                  ("x single", "vs_single_path", ".2f"), ("mem x single", "memory_vs_single_path", ".2f"),
+                  ("literal/this", "literal_over_this", ".2f")])
 
 
 SUITE = Suite("step", GPU_SHAPES, CPU_SHAPES, SMOKE_SHAPES, bench_shape, format_table,

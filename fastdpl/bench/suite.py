@@ -35,6 +35,28 @@ class Suite:
         return self.gpu_shapes + self.cpu_shapes + self.smoke_shapes
 
 
+def table(rows: list, labels: list, columns: list) -> str:
+    """A fixed-width text table. ``labels``: [(row key, width)] left-aligned (shape, provider, ...);
+    ``columns``: [(header, row key, format spec)] right-aligned; "IQR" shows q1-q3; missing values "-"."""
+    def cell(r, key, spec):
+        if key == "iqr":
+            return f"{r['q1_ms']:{spec}}-{r['q3_ms']:{spec}}"
+        return "-" if r.get(key) is None else format(r[key], spec)
+
+    width = [max(len(h), 9 if key != "iqr" else 17) for h, key, _ in columns]
+    header = " ".join(f"{name:<{w}}" for name, w in labels) + " " + \
+        " ".join(f"{h:>{w}}" for (h, _, _), w in zip(columns, width))
+    lines = [header, "-" * len(header)]
+    for r in rows:
+        head = " ".join(f"{str(r.get(name, '')):<{w}}" for name, w in labels)
+        if "error" in r:
+            lines.append(f"{head} unavailable: {r['error']}")
+        else:
+            lines.append(head + " " + " ".join(f"{cell(r, key, spec):>{w}}"
+                                               for (_, key, spec), w in zip(columns, width)))
+    return "\n".join(lines)
+
+
 def time_calls(shape_name: str, calls: dict, device, repeats: int, warmup: int, per_call: dict | None = None) -> list:
     """Rows for ``calls`` {provider: call(i)} timed interleaved; a provider whose first call fails
     (say, out of memory) gets an error row instead. ``per_call`` {provider: n}: times divided by n."""

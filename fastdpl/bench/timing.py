@@ -89,7 +89,9 @@ def peak_memory_mb(fn: Callable[[], object], device: torch.device) -> float | No
 
 
 def summarize(samples_ms: list[float]) -> dict:
-    quartiles = statistics.quantiles(samples_ms, n=4) if len(samples_ms) > 1 else [samples_ms[0]] * 3
+    # "inclusive": quartiles stay within [min, max] (the default extrapolates beyond them for few samples)
+    quartiles = (statistics.quantiles(samples_ms, n=4, method="inclusive") if len(samples_ms) > 1
+                 else [samples_ms[0]] * 3)
     return {
         "median_ms": statistics.median(samples_ms),
         "q1_ms": quartiles[0],

@@ -25,7 +25,7 @@ from fastdpl.literal import literal_tpt_predict
 from fastdpl.prompt import FastDPLPrompt
 from fastdpl.tpt import TestTimePromptTuner
 from .step import build_model, classnames
-from .suite import Suite, add_ratios, run_suite, suite_main, time_calls
+from .suite import Suite, add_ratios, run_suite, suite_main, table, time_calls
 
 GROUP = 4
 
@@ -76,18 +76,9 @@ def bench_shape(shape: TPTShape, device, dtype, impl, repeats, warmup):
 
 
 def format_table(rows) -> str:
-    header = f"{'shape':<16} {'provider':<12} {'ms/image':>10} {'IQR ms':>21} {'images/s':>9} {'peak MB':>8} " \
-             f"{'literal/this':>13}"
-    lines = [header, "-" * len(header)]
-    for r in rows:
-        if "error" in r:
-            lines.append(f"{r['shape']:<16} {r['provider']:<12} unavailable: {r['error']}")
-            continue
-        mem = "-" if r.get("peak_memory_mb") is None else f"{r['peak_memory_mb']:.0f}"
-        lines.append(f"{r['shape']:<16} {r['provider']:<12} {r['median_ms']:>10.1f} "
-                     f"{r['q1_ms']:>10.1f}-{r['q3_ms']:<10.1f} {r['images_per_s']:>9.2f} {mem:>8} "
-                     f"{r['literal_over_this']:>13.2f}")
-    return "\n".join(lines)
+    return table(rows, [("shape", 16), ("provider", 12)],
+                 [("ms/image", "median_ms", ".1f"), ("IQR ms", "iqr", ".1f"), ("images/s", "images_per_s", ".2f"),
+                  ("peak MB", "peak_memory_mb", ".0f"), ("literal/this", "literal_over_this", ".2f")])
 
 
 SUITE = Suite("tpt", GPU_SHAPES, CPU_SHAPES, SMOKE_SHAPES, bench_shape, format_table,
