@@ -9,9 +9,10 @@ from __future__ import annotations
 import json
 import numbers
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+
+from .atomic import write_text_atomic
 from typing import Mapping, Sequence
 
 TOWERS = ("image", "text")
@@ -96,13 +97,7 @@ class PromptConfig:
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write atomically (temporary file, then rename)."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-        with os.fdopen(fd, "w") as f:
-            f.write(self.to_json())
-        os.replace(tmp, path)
-        return path
+        return write_text_atomic(path, self.to_json())
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "PromptConfig":

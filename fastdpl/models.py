@@ -15,7 +15,6 @@ With no network and no local weights the error says how to point at a local file
 """
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import torch
@@ -33,14 +32,11 @@ def save_tiny_clip(model, path, **metadata) -> Path:
     """Write a tiny CLIP (fp16 weights, config, metadata) atomically; returns the path."""
     from .synthetic import MODEL_CONFIG
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    from .atomic import save_atomic
+
     state = {k: v.detach().to(torch.float16) if v.is_floating_point() else v for k, v in model.state_dict().items()}
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save({"format": "fastdpl-tiny-clip/1", "config": MODEL_CONFIG, "state_dict": state,
-                "metadata": metadata}, tmp)
-    os.replace(tmp, path)
-    return path
+    return save_atomic({"format": "fastdpl-tiny-clip/1", "config": MODEL_CONFIG, "state_dict": state,
+                        "metadata": metadata}, path)
 
 
 def load_tiny_clip(path: str | Path | None = None):

@@ -174,6 +174,21 @@ def test_prompt_config_presets_and_errors(tmp_path):
         stages.resolve_prompt_config(job)
 
 
+def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path):
+    from fastdpl.atomic import replace_atomically, write_text_atomic
+
+    target = write_text_atomic(tmp_path / "results.json", "old")
+
+    def half_then_crash(tmp):
+        tmp.write_text("ne")
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        replace_atomically(target, half_then_crash)
+    assert target.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["results.json"]
+    assert write_text_atomic(target, "new").read_text() == "new"
+
+
 # ---- checkpoints: kill and resume -------------------------------------------------------------------------
 def _search_args(out, *extra):
     return ["search", "--dataset", "builtin:digits", "--model", "tiny", "--template", "a photo of the number {}.",

@@ -10,6 +10,7 @@ from typing import Callable
 
 import torch
 
+from ..atomic import savefig_atomic, write_text_atomic
 from .timing import (
     add_common_arguments, environment, parse_shapes, peak_memory_mb, summarize, time_interleaved, write_result,
 )
@@ -125,9 +126,7 @@ def write_outputs(suite: Suite, result: dict, out, table: str, command: str | No
                f"torch {env.get('torch')}, triton {env.get('triton')}, open_clip {env.get('open_clip_torch')}, "
                f"commit {env.get('commit')}.", "", "```", table, "```", "",
                f"Chart: `{out.with_suffix('.png').name}` ({suite.ratio_label}).", ""]
-    tmp = out.with_suffix(".md.tmp")
-    tmp.write_text("\n".join(summary))
-    tmp.replace(out.with_suffix(".md"))
+    write_text_atomic(out.with_suffix(".md"), "\n".join(summary))
     ratio_chart(result["rows"], suite.ratio_key, suite.ratio_label, out.with_suffix(".png"))
     return out
 
@@ -149,10 +148,8 @@ def ratio_chart(rows, key: str, label: str, path: Path) -> Path | None:
     ax.set_xlabel(label)
     ax.tick_params(axis="y", labelsize=7)
     fig.tight_layout()
-    tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=110)
+    savefig_atomic(fig, path, dpi=110)
     plt.close(fig)
-    tmp.replace(path)
     return path
 
 

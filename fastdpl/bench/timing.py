@@ -21,6 +21,8 @@ from typing import Callable
 
 import torch
 
+from ..atomic import write_text_atomic
+
 
 def _version(package: str):
     try:
@@ -116,12 +118,7 @@ def time_interleaved(calls: dict[str, Callable[[int], object]], device: torch.de
 
 def write_result(result: dict, out) -> Path:
     """Write a result JSON atomically (temporary file, then rename): never half a file."""
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(out.suffix + ".tmp")
-    tmp.write_text(json.dumps(result, indent=1))
-    tmp.replace(out)
-    return out
+    return write_text_atomic(out, json.dumps(result, indent=1))
 
 
 def add_common_arguments(parser, default_out: str) -> None:

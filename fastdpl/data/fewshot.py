@@ -3,11 +3,10 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import random
-import tempfile
 from pathlib import Path
 
+from ..atomic import write_text_atomic
 from .datasets import DatasetError, DatasetSplits, Sample
 
 SUBSAMPLES = ("all", "base", "new")
@@ -44,14 +43,6 @@ def fewshot_indices(splits: DatasetSplits, shots: int, seed: int) -> dict:
     return {"train": train, "val": val}
 
 
-def _write_json_atomic(path: Path, data) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(data, f)
-    os.replace(tmp, path)
-
-
 def fewshot_splits(splits: DatasetSplits, shots: int | None, seed: int, cache_dir: str | Path | None = None
                    ) -> DatasetSplits:
     """The k-shot training and validation sets (test unchanged). ``shots=None`` keeps every image.
@@ -72,7 +63,7 @@ def fewshot_splits(splits: DatasetSplits, shots: int | None, seed: int, cache_di
     else:
         indices = fewshot_indices(splits, shots, seed)
         if cache is not None:
-            _write_json_atomic(cache, {**indices, "sizes": sizes, "shots": shots, "seed": seed})
+            write_text_atomic(cache, json.dumps({**indices, "sizes": sizes, "shots": shots, "seed": seed}))
     return DatasetSplits(splits.name, splits.classnames, train=[splits.train[i] for i in indices["train"]],
                          val=[splits.val[i] for i in indices["val"]], test=splits.test)
 

@@ -1,7 +1,6 @@
 """Images as tensors: CLIP preprocessing and a Dataset that never skips a bad file."""
 from __future__ import annotations
 
-import torch
 from PIL import Image, UnidentifiedImageError
 from torchvision import transforms as T
 
@@ -34,17 +33,3 @@ def open_image(image) -> Image.Image:
     except (UnidentifiedImageError, OSError) as exc:
         raise DatasetError(f"unreadable image: {image} ({exc})") from exc
 
-
-class ImageDataset(torch.utils.data.Dataset):
-    """(image tensor, label) for a list of Samples."""
-
-    def __init__(self, samples, transform):
-        self.samples = list(samples)
-        self.transform = transform
-
-    def __len__(self):
-        return len(self.samples)
-
-    def __getitem__(self, index):
-        sample = self.samples[index]
-        return self.transform(open_image(sample.image)), sample.label

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..atomic import savefig_atomic
+
 
 def _pyplot():
     import matplotlib
@@ -32,7 +34,7 @@ def plot_alpha_heatmap(dpl, path: Path) -> Path:
         ax.set_title(f"{tower} tower: softmax(alpha)")
         fig.colorbar(image, ax=ax, fraction=0.046)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    savefig_atomic(fig, path, dpi=110)
     plt.close(fig)
     return Path(path)
 
@@ -55,6 +57,6 @@ def plot_alpha_evolution(history: list, candidate_lengths, path: Path) -> Path:
         ax.set_title(f"{tower} tower")
         ax.legend(fontsize=6, ncol=2)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    savefig_atomic(fig, path, dpi=110)
     plt.close(fig)
     return Path(path)

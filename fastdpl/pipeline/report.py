@@ -90,7 +90,7 @@ def to_csv(rows) -> str:
 
 def report(paths, out: str | Path) -> tuple[Path, Path]:
     """Write <out>.md and <out>.csv; print the markdown table."""
-    from .runtime import write_text_atomic
+    from ..atomic import write_text_atomic
 
     rows = aggregate(find_results(paths))
     out = Path(out)

@@ -1,11 +1,10 @@
-"""Process-level plumbing: device, seeding, torchrun / DistributedDataParallel, atomic checkpoints."""
+"""Process-level plumbing: device, seeding and RNG state, torchrun / DistributedDataParallel, autocast."""
 from __future__ import annotations
 
 import contextlib
 import os
 import random
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -66,23 +65,6 @@ def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def save_atomic(obj, path: Path) -> None:
-    """torch.save to a temporary file in the same folder, then rename: a kill never leaves half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def autocast(device: str, precision: str):

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from ..atomic import save_atomic, write_text_atomic
 from ..config import PromptConfig
 from ..data import fewshot_splits, load_dataset, subsample_classes
 from ..models import load_clip
@@ -27,8 +28,7 @@ from .classifier import wrap
 from .config import RunConfig, save_yaml
 from .loaders import cycle_batches, make_loader
 from .runtime import (
-    Dist, autocast, barrier, init_distributed, pick_device, rng_state, save_atomic,
-    seed_everything, set_rng_state, write_text_atomic,
+    Dist, autocast, barrier, init_distributed, pick_device, rng_state, seed_everything, set_rng_state,
 )
 
 # Prompt ensembling for the zero-shot teacher of distillation (CLIP's habit of averaging templates).
