@@ -220,15 +220,16 @@ class FastDPLPrompt(nn.Module):
         return PromptConfig(lengths)
 
     # ---- forward -------------------------------------------------------------------------------------
-    def _block_inputs(self, tower: str, dtype):
-        """Per block: (prompt_kv or None, candidate lengths, weights). Prompts projected once per step."""
+    def _block_inputs(self, tower: str, dtype, skip=()):
+        """Per block: (prompt_kv or None, candidate lengths, weights). Prompts projected once per step.
+        Blocks in ``skip`` are left unprojected (their caller supplies the prompts, e.g. TPT)."""
         blocks = self._parts[tower].blocks
         if tower not in self.prompted:
             return [(None, None, None)] * len(blocks)
         inputs = []
         with nvtx_range(f"fastdpl/{tower}/prompts"):
             for b, (block, lengths) in enumerate(zip(blocks, self.prompted[tower])):
-                if self.mode == "fixed" and lengths[0] == 0:
+                if (self.mode == "fixed" and lengths[0] == 0) or b in skip:
                     inputs.append((None, None, None))  # a plain block
                     continue
                 rows = [self.prompts[_prompt_key(tower, b, n)] for n in lengths if n > 0]
@@ -274,8 +275,10 @@ class FastDPLPrompt(nn.Module):
         return [p for k, p in self.prompts.items() if k.startswith("text_")] + \
             ([self.arch_logits["text"]] if "text" in self.arch_logits else [])
 
-    def _encode_text_chunk(self, tokens, end_of_text, length, block_inputs):
-        x = text_embeddings(self.model, tokens[:, :length])
+    def _encode_text_chunk(self, tokens, end_of_text, length, block_inputs, context=None):
+        """Text features of ``tokens`` truncated to ``length``; ``context`` replaces the template's
+        leading words (see text_embeddings)."""
+        x = text_embeddings(self.model, tokens[:, :length], context)
         blocks = self._parts["text"].blocks
         for b, (block, (kv, lengths, weights)) in enumerate(zip(blocks, block_inputs)):
             name = f"fastdpl/text/block{b}"

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 
 from .profiling import nvtx_range
 from .prompt import FastDPLPrompt
-from .towers import project_prompts, prompted_block, text_embeddings, text_head, text_module
+from .towers import project_prompts, text_module
 
 TUNE = ("auto", "context", "text_prompts")
 
@@ -190,33 +190,31 @@ class TestTimePromptTuner:
 
     # ---- text features of G independent prompts ----
     def encode_text(self, tuned: dict) -> torch.Tensor:
-        """(G, C, E) text features; ``tuned`` holds (G, ...) copies of the initial tensors."""
+        """(G, C, E) text features; ``tuned`` holds (G, ...) copies of the initial tensors.
+
+        Sequence s = g * C + c is class c under image g's prompt. FastDPLPrompt's own text path
+        runs them (truncated, last-block rows only); the frozen prompts are projected once.
+        """
         dpl = self.dpl
         groups = next(iter(tuned.values())).shape[0]
         classes = dpl.num_classes
         context = tuned.get("context")
         if context is not None and groups > 1:
-            context = context.repeat_interleave(classes, 0)  # sequence s = g * C + c
-        tokens = dpl.class_tokens[:, :self.length].repeat(groups, 1)
-        x = text_embeddings(dpl.model, tokens, context)
+            context = context.repeat_interleave(classes, 0)
         blocks = dpl._parts["text"].blocks
-        shared = dpl._block_inputs("text", x.dtype)  # the frozen prompts, projected once
-        keep = dpl.end_of_text.repeat(groups)
+        dtype = text_module(dpl.model).token_embedding.weight.dtype
+        inputs = dpl._block_inputs("text", dtype, skip=set(tuned))
         for b, block in enumerate(blocks):
-            kv, lengths, weights = shared[b]
             if b in tuned:
-                n = tuned[b].shape[1]
-                lengths, weights = (n,), dpl._one
                 if groups == 1:  # one prompt for every class: the fused op
-                    kv = project_prompts(block, tuned[b][0].to(x.dtype))
+                    kv = project_prompts(block, tuned[b][0].to(dtype))
                 else:  # each image's own prompt for its C sequences
-                    pk, pv = project_prompts(block, tuned[b].to(x.dtype))
+                    pk, pv = project_prompts(block, tuned[b].to(dtype))
                     kv = (pk.repeat_interleave(classes, 0), pv.repeat_interleave(classes, 0))
-            name = f"fastdpl/tpt/text/block{b}"
-            with nvtx_range(name):
-                x = prompted_block(block, x, kv, lengths, weights, True, dpl.impl,
-                                   keep_rows=keep if b == len(blocks) - 1 else None, name=name)
-        return text_head(dpl.model, x[:, 0]).view(groups, classes, -1)
+                inputs[b] = (kv, (tuned[b].shape[1],), dpl._one)
+        tokens = dpl.class_tokens.repeat(groups, 1)
+        features = dpl._encode_text_chunk(tokens, dpl.end_of_text.repeat(groups), self.length, inputs, context)
+        return features.view(groups, classes, -1)
 
     def _logits(self, image_features: torch.Tensor, text_features: torch.Tensor) -> torch.Tensor:
         """(G, V, E) x (G, C, E) -> (G, V, C) CLIP logits."""

@@ -87,23 +87,35 @@ def lr_factor(epoch: int, cfg: RunConfig, epochs: int) -> float:
 
 
 class Meter:
-    """Running loss, accuracy and throughput for a progress bar."""
+    """Running loss, accuracy and throughput for a progress bar.
 
-    def __init__(self):
-        self.loss = self.correct = self.seen = 0.0
+    Sums stay on the device; the host reads them (a sync) only every ``refresh`` steps
+    and at the end of the epoch, not after every step.
+    """
+
+    def __init__(self, refresh: int = 10):
+        self.loss = self.correct = 0.0
+        self.seen = self.steps = 0
+        self.refresh = refresh
         self.start = time.perf_counter()
 
     def update(self, loss: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor) -> None:
-        self.loss += loss.item() * len(labels)
-        self.correct += (logits.argmax(1) == labels).sum().item()
+        self.loss = self.loss + loss.detach().float() * len(labels)
+        self.correct = self.correct + (logits.argmax(1) == labels).sum()
         self.seen += len(labels)
-
-    def postfix(self, ranks: Dist) -> dict:
-        return {"loss": f"{self.loss / max(self.seen, 1):.3f}", "acc": f"{100 * self.correct / max(self.seen, 1):.1f}",
-                "img/s": f"{self.seen * ranks.world / (time.perf_counter() - self.start):.1f}"}
+        self.steps += 1
 
     def summary(self) -> dict:
-        return {"loss": self.loss / max(self.seen, 1), "accuracy": self.correct / max(self.seen, 1)}
+        seen = max(self.seen, 1)
+        return {"loss": float(self.loss) / seen, "accuracy": float(self.correct) / seen}
+
+    def show(self, bar, ranks: Dist) -> None:
+        """Loss, accuracy and images/s (all ranks) on the bar, every ``refresh`` steps."""
+        if bar.disable or (self.steps - 1) % self.refresh:  # steps 1, 1 + refresh, ...
+            return
+        summary = self.summary()
+        bar.set_postfix({"loss": f"{summary['loss']:.3f}", "acc": f"{100 * summary['accuracy']:.1f}",
+                         "img/s": f"{self.seen * ranks.world / (time.perf_counter() - self.start):.1f}"})
 
 
 def _train_loader(job: Job, samples, seed: int):
@@ -202,7 +214,7 @@ def run_search(cfg: RunConfig) -> dict:
             _loss_step(net, arch_opt, val_images, val_labels, job)       # alpha on validation
             loss, logits = _loss_step(net, prompt_opt, images, labels, job)  # prompts on training
             meter.update(loss, logits, labels.to(job.device))
-            bar.set_postfix(meter.postfix(job.ranks))
+            meter.show(bar, job.ranks)
         scheduler.step()
         history.append({"epoch": epoch + 1, **meter.summary(), "alpha": alpha_snapshot(dpl)})
         _save_checkpoint(job, out, epoch + 1, dpl, optimizers, scheduler, history)
@@ -313,7 +325,7 @@ def run_train(cfg: RunConfig) -> dict:
             for images, labels in bar:
                 loss, logits = _loss_step(net, optimizer, images, labels, job, extra)
                 meter.update(loss, logits, labels.to(job.device))
-                bar.set_postfix(meter.postfix(job.ranks))
+                meter.show(bar, job.ranks)
             scheduler.step()
             history.append({"epoch": epoch + 1, **meter.summary()})
             _save_checkpoint(job, out, epoch + 1, dpl, {"prompt": optimizer}, scheduler, history)
@@ -334,7 +346,7 @@ def tally(job: Job, classnames, batches, desc: str) -> dict:
     for logits, labels in bar:
         logits = logits.float().cpu()
         meter.update(torch.zeros(()), logits, labels)
-        bar.set_postfix(meter.postfix(Dist()))
+        meter.show(bar, Dist())
         hits = (logits.argmax(1) == labels).float()
         correct.index_add_(0, labels, hits)
         total.index_add_(0, labels, torch.ones_like(hits))
