@@ -158,3 +158,23 @@ def test_tpt_stage_on_a_small_folder_dataset(tmp_path):
     stages.run_train(demo_config(**common, prompt_config="uniform:2:2"))
     tuned = stages.run_tpt(demo_config(**common), prompts=str(tmp_path / "run" / "train" / "prompts.pt"))
     assert tuned["method"] == "tpt+uniform:2:2"
+
+
+def test_tpt_views_use_augmix_for_fine_grained_sets_only(tmp_path, monkeypatch):
+    import fastdpl.tpt
+    from fastdpl.pipeline import stages
+    from fastdpl.pipeline.demo import demo_config
+
+    job = stages.prepare(demo_config(output=str(tmp_path / "run"), tpt_views=2, tpt_context="a photo of the",
+                                     progress=False))
+    dpl = stages.build_dpl(job, job.splits.classnames, "fixed", PromptConfig.zero_shot(4))
+    seen = []
+    real = fastdpl.tpt.TPTViews
+    monkeypatch.setattr(fastdpl.tpt, "TPTViews", lambda size, views, augmix: seen.append(augmix) or
+                        real(size, views, augmix))
+    for dataset in ("imagenet_a", "imagenet-sketch", "dtd", "fgvc_aircraft"):
+        stages.tpt_accuracy(job, dpl, job.splits.test[:1], dataset)
+    assert seen == [False, False, True, True]
+    job.cfg.tpt_augmix = "false"
+    stages.tpt_accuracy(job, dpl, job.splits.test[:1], "dtd")
+    assert seen[-1] is False

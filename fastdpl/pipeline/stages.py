@@ -355,8 +355,8 @@ def tally(job: Job, classnames, batches, desc: str) -> dict:
 
 
 @torch.no_grad()
-def accuracy(job: Job, dpl: FastDPLPrompt, samples, desc="eval") -> dict:
-    """Top-1 overall and per class on ``samples`` (CLIP test preprocessing)."""
+def accuracy(job: Job, dpl: FastDPLPrompt, samples, dataset: str = "", desc="eval") -> dict:
+    """Top-1 overall and per class on ``samples`` of ``dataset`` (CLIP test preprocessing)."""
     dpl.eval()
     loader = make_loader(samples, job.image_size, job.cfg.eval_batch_size, 0, Dist(), False, job.cfg.workers)
 
@@ -375,7 +375,7 @@ def _evaluate_and_write(job: Job, dpl: FastDPLPrompt, out: Path, stage: str, met
                         extra: dict | None = None) -> dict:
     """Own test set (base and new with --subsample base), then every --eval-datasets entry.
 
-    ``evaluate(job, dpl, samples, desc) -> accuracy dict`` (default: ``accuracy``; TPT passes its own)."""
+    ``evaluate(job, dpl, samples, dataset, desc) -> accuracy dict`` (default: ``accuracy``; TPT passes its own)."""
     evaluate = evaluate or accuracy
     cfg = job.cfg
     result = {"stage": stage, "method": method, "dataset": cfg.dataset, "shots": cfg.shots, "seed": cfg.seed,
@@ -386,10 +386,10 @@ def _evaluate_and_write(job: Job, dpl: FastDPLPrompt, out: Path, stage: str, met
         return result
     state = dpl.prompt_state_dict()
     own = cfg.dataset if cfg.subsample == "all" else f"{cfg.dataset}[{cfg.subsample}]"
-    result["results"][own] = evaluate(job, dpl, job.splits.test, desc=f"test {own}")
+    result["results"][own] = evaluate(job, dpl, job.splits.test, cfg.dataset, desc=f"test {own}")
     if cfg.subsample == "base":  # base-to-new: the prompts learned on base classes, applied to the new ones
         new = subsample_classes(load_dataset(cfg.dataset, cfg.root), "new")
-        result["results"][f"{cfg.dataset}[new]"] = _transfer(job, dpl, state, new.classnames, new.test,
+        result["results"][f"{cfg.dataset}[new]"] = _transfer(job, dpl, state, new, cfg.dataset,
                                                               f"test {cfg.dataset}[new]", evaluate)
         result["base"] = result["results"][own]["top1"]
         result["new"] = result["results"][f"{cfg.dataset}[new]"]["top1"]
@@ -397,8 +397,7 @@ def _evaluate_and_write(job: Job, dpl: FastDPLPrompt, out: Path, stage: str, met
     for name in cfg.eval_datasets:  # cross-dataset and domain shift: all of that dataset's classes
         other = load_dataset(name, cfg.root)
         key = name if name not in result["results"] else f"{name} (cross)"
-        result["results"][key] = _transfer(job, dpl, state, other.classnames, other.test, f"test {name}",
-                                           evaluate)
+        result["results"][key] = _transfer(job, dpl, state, other, name, f"test {name}", evaluate)
     result["top1"] = result["results"][own]["top1"]
     write_text_atomic(out / "results.json", json.dumps(result, indent=1))
     print(results_table(result))
@@ -406,11 +405,12 @@ def _evaluate_and_write(job: Job, dpl: FastDPLPrompt, out: Path, stage: str, met
     return result
 
 
-def _transfer(job: Job, dpl: FastDPLPrompt, state: dict, classnames, samples, desc: str, evaluate) -> dict:
-    """The learned prompts applied to other class names (new classes, another dataset, a domain shift)."""
-    other = build_dpl(job, classnames, dpl.mode, dpl.config)
+def _transfer(job: Job, dpl: FastDPLPrompt, state: dict, splits, dataset: str, desc: str, evaluate) -> dict:
+    """The learned prompts applied to the test set and class names of ``splits`` (new classes,
+    another dataset, a domain shift)."""
+    other = build_dpl(job, splits.classnames, dpl.mode, dpl.config)
     other.load_prompt_state_dict(state)
-    return evaluate(job, other, samples, desc=desc)
+    return evaluate(job, other, splits.test, dataset, desc=desc)
 
 
 def results_table(result: dict) -> str:
@@ -466,7 +466,7 @@ class _TPTImages(torch.utils.data.Dataset):
         return self.views(sample.image, seed=index), sample.label
 
 
-def tpt_accuracy(job: Job, dpl: FastDPLPrompt, samples, desc="tpt") -> dict:
+def tpt_accuracy(job: Job, dpl: FastDPLPrompt, samples, dataset: str, desc="tpt") -> dict:
     """Top-1 of TPT predictions: every test image tuned on its own (groups of tpt_group at a time)."""
     from ..data import canonical_name
     from ..tpt import TestTimePromptTuner, TPTViews
@@ -474,7 +474,7 @@ def tpt_accuracy(job: Job, dpl: FastDPLPrompt, samples, desc="tpt") -> dict:
     cfg = job.cfg
     augmix = cfg.tpt_augmix
     if augmix == "auto":
-        augmix = canonical_name(cfg.dataset) not in IMAGENET_FAMILY and not desc.split()[-1].startswith("imagenet")
+        augmix = canonical_name(dataset) not in IMAGENET_FAMILY  # TPT: AugMix for the fine-grained sets
     augmix = augmix in (True, "true")
     tuner = TestTimePromptTuner(dpl, tune=cfg.tpt_tune, context=cfg.tpt_context, keep_fraction=cfg.tpt_keep,
                                 lr=cfg.tpt_lr, steps=cfg.tpt_steps)
