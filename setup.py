@@ -1,7 +1,7 @@
 """Install fastdpl: fused Differentiable Prompt Learning for CLIP models.
 
-Dependencies are given as minimum versions; the Triton kernels ship inside the
-package (fastdpl/kernels).
+Dependencies are given as minimum versions. The Triton kernels live in kernels/
+at the repository root and install as the subpackage fastdpl.kernels.
 """
 from setuptools import find_packages, setup
 
@@ -12,7 +12,8 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=find_packages(include=["fastdpl", "fastdpl.*"]),
+    packages=find_packages(include=["fastdpl", "fastdpl.*"]) + ["fastdpl.kernels"],
+    package_dir={"fastdpl.kernels": "kernels"},
     package_data={"fastdpl": ["assets/*.pt"]},  # the built-in tiny CLIP for `fastdpl demo`
     install_requires=[
         "torch>=2.5",

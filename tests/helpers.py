@@ -14,10 +14,14 @@ INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 # Triton runs on CUDA, or anywhere under the interpreter.
 TRITON_DEVICE = DEVICE if DEVICE.type == "cuda" else (torch.device("cpu") if INTERPRETED else None)
 
-# Normalised max error |x - ref| / max|ref| allowed per dtype (floors), and the
-# multiple of the eager engine's own error a fused engine may show in low precision.
+# Normalised max error |x - ref| / max|ref| allowed per dtype for the float64/float32
+# engines, and for the torch engines run in 16 bits (whose own roundings set the bar).
 TOLERANCE = {torch.float64: 1e-10, torch.float32: 2e-5, torch.float16: 5e-3, torch.bfloat16: 3e-2}
-EAGER_MULTIPLE = 3.0
+# Low precision (FlashAttention's rule): a fused result may be at most EAGER_MULTIPLE
+# times as far from the float64 oracle as the eager engine in the same dtype, plus one
+# rounding to that dtype (its unit roundoff) relative to the largest reference value.
+EAGER_MULTIPLE = 2.0
+UNIT_ROUNDOFF = {torch.float16: 2.0 ** -11, torch.bfloat16: 2.0 ** -8}
 
 
 @dataclass(frozen=True)
@@ -118,11 +122,10 @@ def poisoned_allocations():
 def design_backward64(tensors, grad_out, case: Case, out):
     """The backward formulas of DESIGN.md section 2, written out in float64.
 
-    Takes the forward output ``out`` as given, the way the fused backward does
-    (it recovers dO.(original part) from dO.O). With the exact output this must
-    equal autograd through the reference loop; with the output rounded to a low
-    precision it shows how much of a fused engine's gradient error that rounding
-    alone explains (FlashAttention's Delta = dO.O carries the same error).
+    Takes the forward output ``out`` as given and recovers dO.(original part) from
+    dO.O, as DESIGN.md describes; with the exact output this must equal autograd
+    through the reference loop. (The fused kernels read that term from the
+    original keys' own output instead; see kernels/backward.py.)
     """
     q, k, v, pk, pv, w = (t.detach().cpu().to(torch.float64) for t in tensors)
     d_out, out = grad_out.cpu().to(torch.float64), out.cpu().to(torch.float64)

@@ -122,9 +122,9 @@ def test_opcheck_forward_and_backward_ops(causal):
     fwd_args = (q, k, v, pk, pv, list(case.lengths), w, causal)
     torch.library.opcheck(torch.ops.fastdpl.mixture_attention_fwd.default, fwd_args)
     with torch.no_grad():
-        out, row_max, denominators = torch.ops.fastdpl.mixture_attention_fwd(*fwd_args)
+        _, out_x, row_max, row_sum, denominators = torch.ops.fastdpl.mixture_attention_fwd(*fwd_args)
     bwd_args = (grad_out, *(t.detach() for t in (q, k, v, pk, pv)), list(case.lengths), w.detach(),
-                out, row_max, denominators, causal)
+                out_x, row_max, row_sum, denominators, causal)
     torch.library.opcheck(torch.ops.fastdpl.mixture_attention_bwd.default, bwd_args)
 
 

@@ -10,6 +10,6 @@ except ImportError as exc:  # pragma: no cover - exercised by the no-triton subp
         "fastdpl.kernels needs Triton (pip install triton); use impl='eager' to run without it"
     ) from exc
 
-from .mixture_attention import mixture_attention_backward, mixture_attention_forward
+from .mixture_attention import mixture_attention_backward, mixture_attention_forward, set_fp32_precision
 
-__all__ = ["mixture_attention_forward", "mixture_attention_backward"]
+__all__ = ["mixture_attention_forward", "mixture_attention_backward", "set_fp32_precision"]

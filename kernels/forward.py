@@ -7,7 +7,8 @@ prompt_k / prompt_v):
     O_i = sum_c w_c * softmax-attention of q_i over [k ; pk_c] and [v ; pv_c]
         = beta_i * sum_j e^(s_ij - m_i) v_j + sum_p gamma_{i,c(p)} e^(t_ip - m_i) pv_p
 
-    Z_ic = sum_j e^(s_ij - m_i) + sum_{p in c} e^(t_ip - m_i)
+    l_i  = sum_j e^(s_ij - m_i)                     (the original keys' share)
+    Z_ic = l_i + sum_{p in c} e^(t_ip - m_i)
     gamma_ic = w_c / Z_ic,  beta_i = sum_c gamma_ic
 
 One program owns BLOCK_M query rows of one (batch, head): grid
@@ -20,12 +21,18 @@ One program owns BLOCK_M query rows of one (batch, head): grid
 3. the prompt keys again, now that Z and therefore gamma are known, adding
    ``gamma_{c(p)} e^(t - m) pv_p``.
 
+Written: O; ``O_x = sum_j e^(s_ij - m) v_j / l_i`` (the original keys' own
+attention output, a convex combination of the v_j); and per row m (log2 units),
+l and the C denominators Z. The backward needs ``X = sum_j e^(s_ij - m) dO.v_j
+= l_i dO.O_x``: reading it from O_x keeps its relative error at the rounding of
+one stored value, where recovering it from O as ``(dO.O - prompt part) / beta``
+would divide that rounding by beta (small wherever the prompts dominate a row).
+
 P (the total prompt rows, 21 for lengths 0..6) is small next to N, so passes 1
 and 3 cost about one extra key block each. Exponentials use exp2 with log2(e)
-folded into the scale, so the saved row maximum is in log2 units. Only O, the
-row maximum m (B, H, N) and the denominators Z (B, H, N, C) are written: the
-backward needs nothing else. All accumulation is float32; the PV matmuls take
-the probabilities in the input dtype, as FlashAttention does.
+folded into the scale. All accumulation is float32; the main dots run on tensor
+cores (bf16/fp16 inputs; fp32 inputs with DOT_PRECISION "tf32x3" or "tf32") and
+the PV dots take the probabilities in the input dtype, as FlashAttention does.
 
 Limits: head dim 16..128 (padded to a power of two and masked), any N >= 1,
 any number of candidates (the one-hot width BLOCK_C is padded to >= 16).
@@ -38,8 +45,8 @@ import triton.language as tl
 def _mma(a, b, DOT_PRECISION: tl.constexpr):
     """a @ b with float32 accumulation.
 
-    DOT_PRECISION is "ieee" or "tf32" (passed to tl.dot), or "upcast": the
-    operands are widened to float32 first. The launcher picks "upcast" only for
+    DOT_PRECISION is "ieee", "tf32" or "tf32x3" (passed to tl.dot), or "upcast":
+    the operands are widened to float32 first. The launcher picks "upcast" only for
     bfloat16 under TRITON_INTERPRET=1, whose numpy dot would otherwise multiply
     the raw uint16 storage of bfloat16 values; widening bfloat16 is exact, so
     the result is what a bf16 tensor-core dot with fp32 accumulation gives.
@@ -48,6 +55,25 @@ def _mma(a, b, DOT_PRECISION: tl.constexpr):
         return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
     else:
         return tl.dot(a, b, input_precision=DOT_PRECISION)
+
+
+@triton.jit
+def _cast(x, dtype, DOT_PRECISION: tl.constexpr):
+    """x.to(dtype), rounding to nearest even.
+
+    A GPU rounds fp32 -> bf16 to nearest even; Triton's interpreter truncates,
+    which biases every bf16 probability down and makes CPU runs look several
+    times less accurate than the compiled kernel. Under the interpreter
+    (DOT_PRECISION "upcast" means bf16 there) the rounding is done by hand:
+    add half an ulp of bf16 (ties to even) to the fp32 bits and clear the low half,
+    after which the conversion is exact.
+    """
+    if DOT_PRECISION == "upcast":
+        bits = x.to(tl.float32).to(tl.uint32, bitcast=True)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+        return bits.to(tl.float32, bitcast=True).to(dtype)
+    else:
+        return x.to(dtype)
 
 
 @triton.jit
@@ -68,8 +94,15 @@ def _segment_onehot(SEG, offs_p, p_mask, offs_c):
 
 
 @triton.jit
+def _per_candidate(x, onehot):
+    """(M, BLOCK_P) x (BLOCK_P, BLOCK_C) one-hot gather, exact: each output is a plain
+    fp32 sum of the x entries of one candidate (no tensor-core rounding)."""
+    return tl.dot(x, onehot, input_precision="ieee")
+
+
+@triton.jit
 def mixture_attention_fwd_kernel(
-    Q, K, V, PK, PV, SEG, W, Out, RowMax, Denom,
+    Q, K, V, PK, PV, SEG, W, Out, OutX, RowMax, RowSum, Denom,
     stride_qb, stride_qh, stride_qn, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
@@ -108,7 +141,7 @@ def mixture_attention_fwd_kernel(
         m_new = tl.maximum(m_p, tl.max(t, 1))
         e = tl.exp2(t - m_new[:, None])
         onehot = _segment_onehot(SEG, offs_p, p_mask, offs_c)
-        l_c = l_c * tl.exp2(m_p - m_new)[:, None] + tl.dot(e, onehot, input_precision="ieee")
+        l_c = l_c * tl.exp2(m_p - m_new)[:, None] + _per_candidate(e, onehot)
         m_p = m_new
 
     # Pass 2: the original keys with online softmax (running max m_x).
@@ -137,8 +170,13 @@ def mixture_attention_fwd_kernel(
         l_x = l_x * alpha + tl.sum(probs, 1)
         v = tl.load(V + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd,
                     mask=n_mask[:, None] & d_mask[None, :], other=0.0)
-        acc = acc * alpha[:, None] + _mma(probs.to(v.dtype), v, DOT_PRECISION)
+        acc = acc * alpha[:, None] + _mma(_cast(probs, v.dtype, DOT_PRECISION), v, DOT_PRECISION)
         m_x = m_new
+
+    out_offsets = off_b * stride_ob + off_h * stride_oh + offs_m[:, None] * stride_on + offs_d[None, :] * stride_od
+    out_mask = row_mask[:, None] & d_mask[None, :]
+    # O_x, the original keys' own attention output (l_x >= 1: its maximum term is 2^0).
+    tl.store(OutX + out_offsets, _cast(acc / l_x[:, None], OutX.dtype.element_ty, DOT_PRECISION), mask=out_mask)
 
     # One maximum for everything; without prompts m_p = -inf and its factor is 0.
     m = tl.maximum(m_x, m_p)
@@ -159,14 +197,14 @@ def mixture_attention_fwd_kernel(
         p_mask = offs_p < P
         t = _prompt_scores(q, PK, offs_p, offs_d, p_mask, d_mask, stride_pkp, stride_pkd, qk_scale, DOT_PRECISION)
         onehot = _segment_onehot(SEG, offs_p, p_mask, offs_c)
-        gamma_p = tl.dot(gamma, tl.trans(onehot), input_precision="ieee")  # gamma_{c(p)}
+        gamma_p = _per_candidate(gamma, tl.trans(onehot))      # gamma_{c(p)}
         pv = tl.load(PV + offs_p[:, None] * stride_pvp + offs_d[None, :] * stride_pvd,
                      mask=p_mask[:, None] & d_mask[None, :], other=0.0)
         weighted = tl.exp2(t - m[:, None]) * gamma_p
-        acc += _mma(weighted.to(pv.dtype), pv, DOT_PRECISION)
+        acc += _mma(_cast(weighted, pv.dtype, DOT_PRECISION), pv, DOT_PRECISION)
 
-    out_ptrs = Out + off_b * stride_ob + off_h * stride_oh + offs_m[:, None] * stride_on + offs_d[None, :] * stride_od
-    tl.store(out_ptrs, acc.to(Out.dtype.element_ty), mask=row_mask[:, None] & d_mask[None, :])
+    tl.store(Out + out_offsets, _cast(acc, Out.dtype.element_ty, DOT_PRECISION), mask=out_mask)
     stat_rows = off_bh.to(tl.int64) * N + offs_m
     tl.store(RowMax + stat_rows, m, mask=row_mask)
+    tl.store(RowSum + stat_rows, l_x, mask=row_mask)
     tl.store(Denom + stat_rows[:, None] * C + offs_c[None, :], z, mask=row_mask[:, None] & c_mask[None, :])

@@ -3,37 +3,51 @@
 Notation as in forward.py (natural-log units here; the kernels use exp2 with
 log2(e) folded into the scale). With dO the incoming gradient, per row i:
 
-    Y_c   = sum_{p in c} e^(t_p - m) dO.pv_p         (cheap: P is small)
-    X     = sum_j e^(s_j - m) dO.v_j = (dO.O - sum_c gamma_c Y_c) / beta
+    X     = sum_j e^(s_j - m) dO.v_j = l dO.O_x        (O_x saved by the forward)
+    Y_c   = sum_{p in c} e^(t_p - m) dO.pv_p            (cheap: P is small)
     D_c   = dO.out_c = (X + Y_c) / Z_c
     delta = sum_c gamma_c D_c
 
-    dL/dw_c    = sum over rows of D_c
+    dL/dw_c    = sum over rows of D_c, with X summed exactly (see q_bwd_kernel)
     dL/ds_ij   = e^(s_ij - m) (beta dO.v_j - delta)
     dL/dt_ip   = e^(t_ip - m) gamma_c(p) (dO.pv_p - D_c(p))
     dv_j      += e^(s_ij - m) beta dO_i        dpv_p += e^(t_ip - m) gamma_c(p) dO_i
 
-X is recovered from dO.O (the forward keeps no per-candidate output). Its error
-in D_c is at most eps |dO.O| / w_c, which the softmax Jacobian multiplies back
-by w_c: stable in alpha-space. beta = 0 (possible only with weights that are not
-positive) makes X undefined; it is then taken as 0.
+X carries the rounding of one stored O_x value, relative to X's own size (as
+FlashAttention's Delta = dO.O does); nothing is divided by beta. The weight
+gradient is different: it sums D_c over every row of the batch, where the rows
+cancel, so a per-row rounding of X would be amplified by that cancellation.
+q_bwd_kernel, which forms e^(s_ij - m) and dO.v_j for every visible key anyway,
+sums X exactly in float32 and writes each row's D_c; the host sums the rows.
 
-Three kernels, none with atomics, so results are bitwise reproducible:
+Three kernels, none with atomics and none reading what it writes, so results
+are bitwise reproducible and a kernel may be re-run (benchmark warm-up,
+autotuning) without accumulating twice:
 
-* ``prompt_bwd_kernel``, grid (SPLITS, H): program s walks the (batch, row-block)
-  tiles s, s + SPLITS, ... of head h. Per tile it computes Y, X, D, delta and beta
-  (delta and beta are stored for the other two kernels), the prompt part of dq,
-  and adds its tile's dpk / dpv / dw to partial sums that only it owns
-  (SPLITS, H, P, D); the host sums the partials over SPLITS in a fixed order.
+* ``prompt_bwd_kernel``, grid (SPLITS, H, cdiv(P, BLOCK_P)): program (s, h, b)
+  walks the (batch, row-block) tiles s, s + SPLITS, ... of head h. Per tile it
+  computes X, Y, D, delta and beta (block b = 0 stores delta, beta and Y for
+  the other two kernels), then for its own prompt block b the
+  prompt part of dq (DQPrompt[b]) and dpk / dpv, which it keeps in registers
+  over all its tiles and writes once to its own slot of (SPLITS, H, P, D). The
+  host sums those slots over SPLITS in a fixed order. SPLITS, BLOCK_M and
+  BLOCK_P of this kernel depend on the shapes only, never on the launch
+  configuration of the other kernels, so the reduction order of the prompt
+  gradients is fixed.
 * ``kv_bwd_kernel``, grid (cdiv(N, BLOCK_N), B * H): dk, dv of one key block,
   looping over the query rows that see it.
 * ``q_bwd_kernel``, grid (cdiv(N, BLOCK_M), B * H): dq of one row block over the
-  original keys, added to the prompt part.
+  original keys, plus the prompt part (the DQPrompt blocks in order), and the
+  rows' D_c with the exact X (B, H, N, C), summed over rows by the host: the
+  weight gradient's reduction order depends on no launch configuration either.
+
+All of them read q, k, v, dO and O_x through their strides (q, k, v are usually
+strided views of one packed projection): nothing is copied.
 """
 import triton
 import triton.language as tl
 
-from .forward import _mma, _prompt_scores, _segment_onehot
+from .forward import _cast, _mma, _per_candidate, _prompt_scores, _segment_onehot
 
 
 @triton.jit
@@ -45,7 +59,7 @@ def _load_rows(PTR, offs_m, offs_d, row_mask, d_mask, stride_n, stride_d):
 @triton.jit
 def _prompt_terms(q, do, PK, PV, SEG, offs_p, offs_d, offs_c, p_mask, d_mask, m,
                   stride_pp, stride_pd, stride_pvp, stride_pvd, qk_scale, DOT_PRECISION: tl.constexpr):
-    """For one block of prompt keys: pk, e^(t - m) (0 where p >= P), dO.pv_p and the one-hot."""
+    """For one block of prompt keys: e^(t - m) (0 where p >= P), dO.pv_p and the one-hot."""
     t = _prompt_scores(q, PK, offs_p, offs_d, p_mask, d_mask, stride_pp, stride_pd, qk_scale, DOT_PRECISION)
     e = tl.exp2(t - m[:, None])
     pv = tl.load(PV + offs_p[:, None] * stride_pvp + offs_d[None, :] * stride_pvd,
@@ -57,8 +71,8 @@ def _prompt_terms(q, do, PK, PV, SEG, offs_p, offs_d, offs_c, p_mask, d_mask, m,
 
 @triton.jit
 def prompt_bwd_kernel(
-    Q, O, DO, PK, PV, SEG, W, RowMax, Denom,
-    Delta, Beta, DQPrompt, DPKPart, DPVPart, DWPart,
+    Q, OX, DO, PK, PV, SEG, W, RowMax, RowSum, Denom,
+    Delta, Beta, YRows, DQPrompt, DPKPart, DPVPart,
     stride_qb, stride_qh, stride_qn, stride_qd,
     stride_ob, stride_oh, stride_on, stride_od,
     stride_dob, stride_doh, stride_don, stride_dod,
@@ -70,6 +84,7 @@ def prompt_bwd_kernel(
 ):
     split = tl.program_id(0)
     off_h = tl.program_id(1).to(tl.int64)
+    own_block = tl.program_id(2)
     offs_d = tl.arange(0, BLOCK_D)
     offs_c = tl.arange(0, BLOCK_C)
     d_mask = offs_d < D
@@ -77,11 +92,13 @@ def prompt_bwd_kernel(
     w = tl.load(W + offs_c, mask=c_mask, other=0.0)
     PK += off_h * stride_pkh
     PV += off_h * stride_pvh
-    # This program's own partial sums (no other program touches them).
-    part = (split * H + off_h) * P
-    DPKPart += part * D
-    DPVPart += part * D
-    dw = tl.zeros([BLOCK_C], tl.float32)
+    own_p = own_block * BLOCK_P + tl.arange(0, BLOCK_P)
+    own_mask = own_p < P
+    # pk / pv of this program's own prompt block stay loaded for all its tiles.
+    own_pk = tl.load(PK + own_p[:, None] * stride_pkp + offs_d[None, :] * stride_pkd,
+                     mask=own_mask[:, None] & d_mask[None, :], other=0.0)
+    dpk = tl.zeros([BLOCK_P, BLOCK_D], tl.float32)
+    dpv = tl.zeros([BLOCK_P, BLOCK_D], tl.float32)
 
     blocks_per_seq = tl.cdiv(N, BLOCK_M)
     for tile in range(split, B * blocks_per_seq, SPLITS):
@@ -92,17 +109,18 @@ def prompt_bwd_kernel(
                        stride_qn, stride_qd)
         do = _load_rows(DO + off_b * stride_dob + off_h * stride_doh, offs_m, offs_d, row_mask, d_mask,
                         stride_don, stride_dod)
-        o = _load_rows(O + off_b * stride_ob + off_h * stride_oh, offs_m, offs_d, row_mask, d_mask,
-                       stride_on, stride_od)
+        ox = _load_rows(OX + off_b * stride_ob + off_h * stride_oh, offs_m, offs_d, row_mask, d_mask,
+                        stride_on, stride_od)
         stat_rows = (off_b * H + off_h) * N + offs_m
         m = tl.load(RowMax + stat_rows, mask=row_mask, other=0.0)
+        l_x = tl.load(RowSum + stat_rows, mask=row_mask, other=0.0)
         z = tl.load(Denom + stat_rows[:, None] * C + offs_c[None, :],
                     mask=row_mask[:, None] & c_mask[None, :], other=1.0)
         gamma = tl.where(c_mask[None, :], w[None, :] / z, 0.0)
         beta = tl.sum(gamma, 1)
-        do_o = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
+        x = l_x * tl.sum(do.to(tl.float32) * ox.to(tl.float32), 1)
 
-        # Y_c: the prompt part of dO.out_c, times Z_c.
+        # Y_c over every prompt block (each block's own program needs all of D_c).
         y = tl.zeros([BLOCK_M, BLOCK_C], tl.float32)
         for p0 in range(0, P, BLOCK_P):
             offs_p = p0 + tl.arange(0, BLOCK_P)
@@ -110,51 +128,42 @@ def prompt_bwd_kernel(
             e, do_pv, onehot = _prompt_terms(q, do, PK, PV, SEG, offs_p, offs_d, offs_c, p_mask, d_mask, m,
                                              stride_pkp, stride_pkd, stride_pvp, stride_pvd, qk_scale,
                                              DOT_PRECISION)
-            y += tl.dot(e * do_pv, onehot, input_precision="ieee")
-
-        x = tl.where(beta != 0.0, (do_o - tl.sum(gamma * y, 1)) / beta, 0.0)
+            y += _per_candidate(e * do_pv, onehot)
         d_c = tl.where(row_mask[:, None] & c_mask[None, :], (x[:, None] + y) / z, 0.0)  # D_c = dO.out_c
         delta = tl.sum(gamma * d_c, 1)
-        dw += tl.sum(d_c, 0)
-        tl.store(Delta + stat_rows, delta, mask=row_mask)
-        tl.store(Beta + stat_rows, beta, mask=row_mask)
+        if own_block == 0:
+            tl.store(Delta + stat_rows, delta, mask=row_mask)
+            tl.store(Beta + stat_rows, beta, mask=row_mask)
+            tl.store(YRows + stat_rows[:, None] * C + offs_c[None, :], y,
+                     mask=row_mask[:, None] & c_mask[None, :])
 
-        # Gradients through the prompt scores and values.
-        dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-        for p0 in range(0, P, BLOCK_P):
-            offs_p = p0 + tl.arange(0, BLOCK_P)
-            p_mask = offs_p < P
-            e, do_pv, onehot = _prompt_terms(q, do, PK, PV, SEG, offs_p, offs_d, offs_c, p_mask, d_mask, m,
-                                             stride_pkp, stride_pkd, stride_pvp, stride_pvd, qk_scale,
-                                             DOT_PRECISION)
-            gamma_p = tl.dot(gamma, tl.trans(onehot), input_precision="ieee")   # gamma_{c(p)}
-            d_p = tl.dot(d_c, tl.trans(onehot), input_precision="ieee")         # D_{c(p)}
-            weighted = e * gamma_p                                             # attention weight of pk_p
-            dt = weighted * (do_pv - d_p)                                      # dL/dt_ip
-            pk = tl.load(PK + offs_p[:, None] * stride_pkp + offs_d[None, :] * stride_pkd,
-                         mask=p_mask[:, None] & d_mask[None, :], other=0.0)
-            dq += _mma(dt.to(pk.dtype), pk, DOT_PRECISION)
-            part_ptrs = offs_p[:, None] * D + offs_d[None, :]
-            part_mask = p_mask[:, None] & d_mask[None, :]
-            dpv = _mma(tl.trans(weighted).to(do.dtype), do, DOT_PRECISION)
-            dpk = _mma(tl.trans(dt).to(q.dtype), q, DOT_PRECISION) * sm_scale
-            tl.store(DPVPart + part_ptrs, tl.load(DPVPart + part_ptrs, mask=part_mask) + dpv, mask=part_mask)
-            tl.store(DPKPart + part_ptrs, tl.load(DPKPart + part_ptrs, mask=part_mask) + dpk, mask=part_mask)
-        tl.store(DQPrompt + stat_rows[:, None] * D + offs_d[None, :], dq * sm_scale,
+        # Gradients through this program's own prompt scores and values.
+        e, do_pv, onehot = _prompt_terms(q, do, PK, PV, SEG, own_p, offs_d, offs_c, own_mask, d_mask, m,
+                                         stride_pkp, stride_pkd, stride_pvp, stride_pvd, qk_scale,
+                                         DOT_PRECISION)
+        weighted = e * _per_candidate(gamma, tl.trans(onehot))         # gamma_{c(p)} e^(t - m)
+        dt = weighted * (do_pv - _per_candidate(d_c, tl.trans(onehot)))  # dL/dt_ip
+        dq = _mma(_cast(dt, own_pk.dtype, DOT_PRECISION), own_pk, DOT_PRECISION) * sm_scale
+        tl.store(DQPrompt + (own_block * B * H * N + stat_rows[:, None]) * D + offs_d[None, :], dq,
                  mask=row_mask[:, None] & d_mask[None, :])
-        # The partial sums are re-read by other threads of this program next tile.
-        tl.debug_barrier()
+        dpv += _mma(_cast(tl.trans(weighted), do.dtype, DOT_PRECISION), do, DOT_PRECISION)
+        dpk += _mma(_cast(tl.trans(dt), q.dtype, DOT_PRECISION), q, DOT_PRECISION)
 
-    tl.store(DWPart + (split * H + off_h) * C + offs_c, dw, mask=c_mask)
+    part = ((split * H + off_h) * P + own_p[:, None]) * D + offs_d[None, :]
+    part_mask = own_mask[:, None] & d_mask[None, :]
+    tl.store(DPKPart + part, dpk * sm_scale, mask=part_mask)
+    tl.store(DPVPart + part, dpv, mask=part_mask)
 
 
 @triton.jit
 def kv_bwd_kernel(
-    Q, K, V, DO, RowMax, Delta, Beta, DK, DV,
+    Q, K, V, DO, DK, DV, RowMax, Delta, Beta,
     stride_qb, stride_qh, stride_qn, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_dob, stride_doh, stride_don, stride_dod,
+    stride_dkb, stride_dkh, stride_dkn, stride_dkd,
+    stride_dvb, stride_dvh, stride_dvn, stride_dvd,
     H, N, D, qk_scale, sm_scale,
     CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
@@ -191,28 +200,29 @@ def kv_bwd_kernel(
         if CAUSAL:
             visible = visible & (offs_n[None, :] <= offs_m[:, None])
         probs = tl.where(visible, tl.exp2(s - m[:, None]), 0.0)           # e^(s - m)
-        dv += _mma(tl.trans(probs * beta[:, None]).to(do.dtype), do, DOT_PRECISION)
+        dv += _mma(_cast(tl.trans(probs * beta[:, None]), do.dtype, DOT_PRECISION), do, DOT_PRECISION)
         do_v = _mma(do, tl.trans(v), DOT_PRECISION)
         ds = probs * (beta[:, None] * do_v - delta[:, None])              # dL/ds
-        dk += _mma(tl.trans(ds).to(q.dtype), q, DOT_PRECISION)
+        dk += _mma(_cast(tl.trans(ds), q.dtype, DOT_PRECISION), q, DOT_PRECISION)
 
     out_mask = n_mask[:, None] & d_mask[None, :]
-    dk_ptrs = DK + off_b * stride_kb + off_h * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd
-    dv_ptrs = DV + off_b * stride_vb + off_h * stride_vh + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd
-    tl.store(dk_ptrs, (dk * sm_scale).to(DK.dtype.element_ty), mask=out_mask)
-    tl.store(dv_ptrs, dv.to(DV.dtype.element_ty), mask=out_mask)
+    dk_ptrs = DK + off_b * stride_dkb + off_h * stride_dkh + offs_n[:, None] * stride_dkn + offs_d[None, :] * stride_dkd
+    dv_ptrs = DV + off_b * stride_dvb + off_h * stride_dvh + offs_n[:, None] * stride_dvn + offs_d[None, :] * stride_dvd
+    tl.store(dk_ptrs, _cast(dk * sm_scale, DK.dtype.element_ty, DOT_PRECISION), mask=out_mask)
+    tl.store(dv_ptrs, _cast(dv, DV.dtype.element_ty, DOT_PRECISION), mask=out_mask)
 
 
 @triton.jit
 def q_bwd_kernel(
-    Q, K, V, DO, RowMax, Delta, Beta, DQPrompt, DQ,
+    Q, K, V, DO, DQ, RowMax, Delta, Beta, DQPrompt, W, Denom, YRows, DRows,
     stride_qb, stride_qh, stride_qn, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_dob, stride_doh, stride_don, stride_dod,
-    H, N, D, qk_scale, sm_scale,
-    CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    stride_dqb, stride_dqh, stride_dqn, stride_dqd,
+    H, N, C, D, PROMPT_BLOCKS, qk_scale, sm_scale,
+    CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
+    BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     start_m = tl.program_id(0)
     off_bh = tl.program_id(1)
@@ -233,6 +243,7 @@ def q_bwd_kernel(
     V += off_b * stride_vb + off_h * stride_vh
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    x = tl.zeros([BLOCK_M], tl.float32)  # X = sum_j e^(s_ij - m) dO.v_j, exact
     hi = N
     if CAUSAL:
         hi = tl.minimum(N, (start_m + 1) * BLOCK_M)
@@ -247,10 +258,23 @@ def q_bwd_kernel(
             visible = visible & (offs_n[None, :] <= offs_m[:, None])
         probs = tl.where(visible, tl.exp2(s - m[:, None]), 0.0)
         do_v = _mma(do, tl.trans(v), DOT_PRECISION)
+        x += tl.sum(probs * do_v, 1)
         ds = probs * (beta[:, None] * do_v - delta[:, None])
-        dq += _mma(ds.to(k.dtype), k, DOT_PRECISION)
+        dq += _mma(_cast(ds, k.dtype, DOT_PRECISION), k, DOT_PRECISION)
 
     out_mask = row_mask[:, None] & d_mask[None, :]
-    dq = dq * sm_scale + tl.load(DQPrompt + stat_rows[:, None] * D + offs_d[None, :], mask=out_mask, other=0.0)
-    dq_ptrs = DQ + off_b * stride_qb + off_h * stride_qh + offs_m[:, None] * stride_qn + offs_d[None, :] * stride_qd
-    tl.store(dq_ptrs, dq.to(DQ.dtype.element_ty), mask=out_mask)
+    dq = dq * sm_scale
+    rows_total = tl.num_programs(1).to(tl.int64) * N  # B * H * N
+    for block in range(0, PROMPT_BLOCKS):  # the prompt part, in a fixed order
+        dq += tl.load(DQPrompt + (block * rows_total + stat_rows[:, None]) * D + offs_d[None, :],
+                      mask=out_mask, other=0.0)
+    dq_ptrs = DQ + off_b * stride_dqb + off_h * stride_dqh + offs_m[:, None] * stride_dqn + offs_d[None, :] * stride_dqd
+    tl.store(dq_ptrs, _cast(dq, DQ.dtype.element_ty, DOT_PRECISION), mask=out_mask)
+
+    # This block's rows of D_c = (X + Y_c) / Z_c for the weight gradient.
+    offs_c = tl.arange(0, BLOCK_C)
+    rc_mask = row_mask[:, None] & (offs_c[None, :] < C)
+    rc = stat_rows[:, None] * C + offs_c[None, :]
+    y = tl.load(YRows + rc, mask=rc_mask, other=0.0)
+    z = tl.load(Denom + rc, mask=rc_mask, other=1.0)
+    tl.store(DRows + rc, (x[:, None] + y) / z, mask=rc_mask)
