@@ -26,18 +26,19 @@ autotuning) without accumulating twice:
 
 * ``prompt_bwd_kernel``, grid (SPLITS, H, cdiv(P, BLOCK_P)): program (s, h, b)
   walks the (batch, row-block) tiles s, s + SPLITS, ... of head h. Per tile it
-  computes X, Y, D, delta and beta (block b = 0 stores delta, beta and Y for
-  the other two kernels), then for its own prompt block b the
-  prompt part of dq (DQPrompt[b]) and dpk / dpv, which it keeps in registers
-  over all its tiles and writes once to its own slot of (SPLITS, H, P, D). The
+  computes X, Y, D, delta and beta (block b = 0 stores delta, beta, Y and D for
+  the other two kernels), then for its own prompt block b dpk / dpv, which it
+  keeps in registers over all its tiles and writes once to its own slot of
+  (SPLITS, H, P, D). The
   host sums those slots over SPLITS in a fixed order. SPLITS, BLOCK_M and
   BLOCK_P of this kernel depend on the shapes only, never on the launch
   configuration of the other kernels, so the reduction order of the prompt
   gradients is fixed.
 * ``kv_bwd_kernel``, grid (cdiv(N, BLOCK_N), B * H): dk, dv of one key block,
   looping over the query rows that see it.
-* ``q_bwd_kernel``, grid (cdiv(N, BLOCK_M), B * H): dq of one row block over the
-  original keys, plus the prompt part (the DQPrompt blocks in order), and the
+* ``q_bwd_kernel``, grid (cdiv(N, BLOCK_M), B * H): dq of one row block, over the
+  original keys and then the prompt keys (it holds q and dO of those rows already,
+  so the prompt part costs three small dots and no (B, H, N, D) buffer), and the
   rows' D_c with the exact X (B, H, N, C), summed over rows by the host: the
   weight gradient's reduction order depends on no launch configuration either.
 
@@ -72,7 +73,7 @@ def _prompt_terms(q, do, PK, PV, SEG, offs_p, offs_d, offs_c, p_mask, d_mask, m,
 @triton.jit
 def prompt_bwd_kernel(
     Q, OX, DO, PK, PV, SEG, W, RowMax, RowSum, Denom,
-    Delta, Beta, YRows, DQPrompt, DPKPart, DPVPart,
+    Delta, Beta, YRows, DPromptRows, DPKPart, DPVPart,
     stride_qb, stride_qh, stride_qn, stride_qd,
     stride_ob, stride_oh, stride_on, stride_od,
     stride_dob, stride_doh, stride_don, stride_dod,
@@ -94,9 +95,6 @@ def prompt_bwd_kernel(
     PV += off_h * stride_pvh
     own_p = own_block * BLOCK_P + tl.arange(0, BLOCK_P)
     own_mask = own_p < P
-    # pk / pv of this program's own prompt block stay loaded for all its tiles.
-    own_pk = tl.load(PK + own_p[:, None] * stride_pkp + offs_d[None, :] * stride_pkd,
-                     mask=own_mask[:, None] & d_mask[None, :], other=0.0)
     dpk = tl.zeros([BLOCK_P, BLOCK_D], tl.float32)
     dpv = tl.zeros([BLOCK_P, BLOCK_D], tl.float32)
 
@@ -134,8 +132,9 @@ def prompt_bwd_kernel(
         if own_block == 0:
             tl.store(Delta + stat_rows, delta, mask=row_mask)
             tl.store(Beta + stat_rows, beta, mask=row_mask)
-            tl.store(YRows + stat_rows[:, None] * C + offs_c[None, :], y,
-                     mask=row_mask[:, None] & c_mask[None, :])
+            rc = stat_rows[:, None] * C + offs_c[None, :]
+            tl.store(YRows + rc, y, mask=row_mask[:, None] & c_mask[None, :])
+            tl.store(DPromptRows + rc, d_c, mask=row_mask[:, None] & c_mask[None, :])
 
         # Gradients through this program's own prompt scores and values.
         e, do_pv, onehot = _prompt_terms(q, do, PK, PV, SEG, own_p, offs_d, offs_c, own_mask, d_mask, m,
@@ -143,9 +142,6 @@ def prompt_bwd_kernel(
                                          DOT_PRECISION)
         weighted = e * _per_candidate(gamma, tl.trans(onehot))         # gamma_{c(p)} e^(t - m)
         dt = weighted * (do_pv - _per_candidate(d_c, tl.trans(onehot)))  # dL/dt_ip
-        dq = _mma(_cast(dt, own_pk.dtype, DOT_PRECISION), own_pk, DOT_PRECISION) * sm_scale
-        tl.store(DQPrompt + (own_block * B * H * N + stat_rows[:, None]) * D + offs_d[None, :], dq,
-                 mask=row_mask[:, None] & d_mask[None, :])
         dpv += _mma(_cast(tl.trans(weighted), do.dtype, DOT_PRECISION), do, DOT_PRECISION)
         dpk += _mma(_cast(tl.trans(dt), q.dtype, DOT_PRECISION), q, DOT_PRECISION)
 
@@ -214,15 +210,17 @@ def kv_bwd_kernel(
 
 @triton.jit
 def q_bwd_kernel(
-    Q, K, V, DO, DQ, RowMax, Delta, Beta, DQPrompt, W, Denom, YRows, DRows,
+    Q, K, V, DO, DQ, RowMax, Delta, Beta, PK, PV, SEG, W, Denom, YRows, DPromptRows, DRows,
     stride_qb, stride_qh, stride_qn, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_dob, stride_doh, stride_don, stride_dod,
     stride_dqb, stride_dqh, stride_dqn, stride_dqd,
-    H, N, C, D, PROMPT_BLOCKS, qk_scale, sm_scale,
-    CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
-    BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    stride_pkh, stride_pkp, stride_pkd,
+    stride_pvh, stride_pvp, stride_pvd,
+    H, N, P, C, D, qk_scale, sm_scale,
+    CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr,
+    BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     start_m = tl.program_id(0)
     off_bh = tl.program_id(1)
@@ -262,19 +260,31 @@ def q_bwd_kernel(
         ds = probs * (beta[:, None] * do_v - delta[:, None])
         dq += _mma(_cast(ds, k.dtype, DOT_PRECISION), k, DOT_PRECISION)
 
-    out_mask = row_mask[:, None] & d_mask[None, :]
-    dq = dq * sm_scale
-    rows_total = tl.num_programs(1).to(tl.int64) * N  # B * H * N
-    for block in range(0, PROMPT_BLOCKS):  # the prompt part, in a fixed order
-        dq += tl.load(DQPrompt + (block * rows_total + stat_rows[:, None]) * D + offs_d[None, :],
-                      mask=out_mask, other=0.0)
-    dq_ptrs = DQ + off_b * stride_dqb + off_h * stride_dqh + offs_m[:, None] * stride_dqn + offs_d[None, :] * stride_dqd
-    tl.store(dq_ptrs, _cast(dq, DQ.dtype.element_ty, DOT_PRECISION), mask=out_mask)
-
-    # This block's rows of D_c = (X + Y_c) / Z_c for the weight gradient.
+    # The prompt keys: dL/dt_ip = e^(t - m) gamma_c(p) (dO.pv_p - D_c(p)), dq += dt pk.
     offs_c = tl.arange(0, BLOCK_C)
     rc_mask = row_mask[:, None] & (offs_c[None, :] < C)
     rc = stat_rows[:, None] * C + offs_c[None, :]
-    y = tl.load(YRows + rc, mask=rc_mask, other=0.0)
     z = tl.load(Denom + rc, mask=rc_mask, other=1.0)
+    w = tl.load(W + offs_c, mask=offs_c < C, other=0.0)
+    gamma = tl.where(offs_c[None, :] < C, w[None, :] / z, 0.0)
+    d_prompt = tl.load(DPromptRows + rc, mask=rc_mask, other=0.0)
+    PK += off_h * stride_pkh
+    PV += off_h * stride_pvh
+    for p0 in range(0, P, BLOCK_P):
+        offs_p = p0 + tl.arange(0, BLOCK_P)
+        p_mask = offs_p < P
+        e, do_pv, onehot = _prompt_terms(q, do, PK, PV, SEG, offs_p, offs_d, offs_c, p_mask, d_mask, m,
+                                         stride_pkp, stride_pkd, stride_pvp, stride_pvd, qk_scale, DOT_PRECISION)
+        dt = e * _per_candidate(gamma, tl.trans(onehot)) * (do_pv - _per_candidate(d_prompt, tl.trans(onehot)))
+        pk = tl.load(PK + offs_p[:, None] * stride_pkp + offs_d[None, :] * stride_pkd,
+                     mask=p_mask[:, None] & d_mask[None, :], other=0.0)
+        dq += _mma(_cast(dt, pk.dtype, DOT_PRECISION), pk, DOT_PRECISION)
+
+    out_mask = row_mask[:, None] & d_mask[None, :]
+    dq = dq * sm_scale
+    dq_ptrs = DQ + off_b * stride_dqb + off_h * stride_dqh + offs_m[:, None] * stride_dqn + offs_d[None, :] * stride_dqd
+    tl.store(dq_ptrs, _cast(dq, DQ.dtype.element_ty, DOT_PRECISION), mask=out_mask)
+
+    # This block's rows of D_c = (X + Y_c) / Z_c for the weight gradient, with the exact X.
+    y = tl.load(YRows + rc, mask=rc_mask, other=0.0)
     tl.store(DRows + rc, (x[:, None] + y) / z, mask=rc_mask)

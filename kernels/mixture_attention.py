@@ -146,21 +146,23 @@ def backward_launches(grad_out, q, k, v, prompt_k, prompt_v, candidate_lengths, 
     block_c, block_d = configs.pow2_at_least(n_candidates), configs.pow2_at_least(head_dim)
     precision = dot_precision(q.dtype)
     sm_scale = head_dim ** -0.5
-    tiling = configs.prompt_tiling(batch, n_queries, head_dim, n_prompt)
+    tiling = configs.prompt_tiling(batch, n_queries, head_dim, n_prompt,
+                                   precision if q.dtype == torch.float32 else None)
 
     delta = torch.empty(batch, heads, n_queries, **f32)
     beta = torch.empty(batch, heads, n_queries, **f32)
     y_rows = torch.empty(batch, heads, n_queries, n_candidates, **f32)  # Y_c per row
-    d_rows = torch.empty(batch, heads, n_queries, n_candidates, **f32)  # D_c per row, exact X
-    dq_prompt = torch.empty(tiling.prompt_blocks, batch, heads, n_queries, head_dim, **f32)
+    d_prompt_rows = torch.empty(batch, heads, n_queries, n_candidates, **f32)  # D_c per row, for dt
+    d_rows = torch.empty(batch, heads, n_queries, n_candidates, **f32)  # D_c per row, exact X, for dw
     # Every slot is written by exactly one program (zeros where it had no tiles).
     dpk_part = torch.empty(tiling.splits, heads, n_prompt, head_dim, **f32)
     dpv_part = torch.empty(tiling.splits, heads, n_prompt, head_dim, **f32)
     pk, pv = _nonempty_prompts(prompt_k), _nonempty_prompts(prompt_v)
+    segment_ids, weights32 = _segment_ids(lengths, q.device), weights.to(torch.float32).contiguous()
     prompt = Launch(
         "prompt_bwd", prompt_bwd_kernel, (tiling.splits, heads, tiling.prompt_blocks),
-        (q, out_x, grad_out, pk, pv, _segment_ids(lengths, q.device), weights.to(torch.float32).contiguous(),
-         row_max, row_sum, denominators, delta, beta, y_rows, dq_prompt, dpk_part, dpv_part,
+        (q, out_x, grad_out, pk, pv, segment_ids, weights32,
+         row_max, row_sum, denominators, delta, beta, y_rows, d_prompt_rows, dpk_part, dpv_part,
          *q.stride(), *out_x.stride(), *grad_out.stride(), *pk.stride(), *pv.stride(),
          batch, heads, n_queries, n_prompt, n_candidates, head_dim, tiling.splits, sm_scale * LOG2E, sm_scale),
         dict(BLOCK_M=tiling.block_m, BLOCK_P=tiling.block_p, BLOCK_C=block_c, BLOCK_D=block_d,
@@ -180,11 +182,11 @@ def backward_launches(grad_out, q, k, v, prompt_k, prompt_v, candidate_lengths, 
     qt = _tiles("q", q, causal)
     q_launch = Launch(
         "q_bwd", q_bwd_kernel, (triton.cdiv(n_queries, qt.block_m), batch * heads),
-        (q, k, v, grad_out, dq, row_max, delta, beta, dq_prompt, weights, denominators, y_rows, d_rows,
-         *strides, *dq.stride(), heads, n_queries, n_candidates, head_dim, tiling.prompt_blocks,
-         sm_scale * LOG2E, sm_scale),
-        _meta(qt, CAUSAL=bool(causal), BLOCK_M=qt.block_m, BLOCK_N=qt.block_n, BLOCK_C=block_c,
-              BLOCK_D=block_d, DOT_PRECISION=precision),
+        (q, k, v, grad_out, dq, row_max, delta, beta, pk, pv, segment_ids, weights32, denominators, y_rows,
+         d_prompt_rows, d_rows, *strides, *dq.stride(), *pk.stride(), *pv.stride(),
+         heads, n_queries, n_prompt, n_candidates, head_dim, sm_scale * LOG2E, sm_scale),
+        _meta(qt, CAUSAL=bool(causal), BLOCK_M=qt.block_m, BLOCK_N=qt.block_n, BLOCK_P=tiling.block_p,
+              BLOCK_C=block_c, BLOCK_D=block_d, DOT_PRECISION=precision),
     )
 
     def finish():

@@ -9,7 +9,7 @@ from fastdpl import FastDPLPrompt, PromptConfig, TestTimePromptTuner, load_clip
 from fastdpl.literal import literal_tpt_predict
 from fastdpl.tpt import TPTViews, average_entropy, confident_views, view_entropies
 
-from helpers import CLASSNAMES
+from helpers import CLASSNAMES, assert_matches
 
 
 def _entropy64(p):
@@ -19,18 +19,18 @@ def _entropy64(p):
 @pytest.mark.parametrize("views,classes,keep", [(64, 10, 0.1), (16, 1000, 0.1), (7, 3, 0.5), (5, 4, 0.01)])
 def test_selection_and_average_entropy_against_float64(views, classes, keep):
     g = torch.Generator().manual_seed(views * classes)
-    logits = torch.randn(3, views, classes, generator=g) * torch.rand(3, views, 1, generator=g) * 8
-    p = torch.softmax(logits.double(), -1)
+    logits = (torch.randn(3, views, classes, generator=g) * torch.rand(3, views, 1, generator=g) * 8).double()
+    p = torch.softmax(logits, -1)
     entropy = _entropy64(p)
-    torch.testing.assert_close(view_entropies(logits).double(), entropy, rtol=1e-5, atol=1e-5)
+    assert_matches(view_entropies(logits), entropy, 1e-12, "view entropies")  # same maths, float64
     k = max(1, int(views * keep))
     chosen = confident_views(logits, keep)
     assert chosen.shape == (3, k)
     for row in range(3):
         assert sorted(chosen[row].tolist()) == sorted(torch.argsort(entropy[row])[:k].tolist())
         kept = logits[row, chosen[row]]
-        reference = _entropy64(torch.softmax(kept.double(), -1).mean(0))
-        assert average_entropy(kept).item() == pytest.approx(reference.item(), rel=1e-5, abs=1e-6)
+        reference = _entropy64(torch.softmax(kept, -1).mean(0))
+        assert average_entropy(kept).item() == pytest.approx(reference.item(), rel=1e-12)
 
 
 def test_ties_single_view_and_extreme_logits():
@@ -51,6 +51,12 @@ def tiny():
     return load_clip("tiny")
 
 
+@pytest.fixture(scope="module")
+def tiny64():
+    """The tiny CLIP in float64: fast and literal paths must then agree to rounding."""
+    return load_clip("tiny").double()
+
+
 def _dpl(model, config, template="a photo of a {}."):
     return FastDPLPrompt(model, CLASSNAMES[:7], mode="fixed", config=config, template=template,
                          generator=torch.Generator().manual_seed(3)).eval()
@@ -64,45 +70,44 @@ CONFIGS = {
 
 @pytest.mark.parametrize("tune", ["context", "text_prompts"])
 @pytest.mark.parametrize("steps", [1, 2])
-def test_fast_path_equals_literal_per_image_tpt(tiny, tune, steps):
-    dpl = _dpl(tiny, CONFIGS[tune])
+def test_fast_path_equals_literal_per_image_tpt(tiny64, tune, steps):
+    dpl = _dpl(tiny64, CONFIGS[tune])
     tuner = TestTimePromptTuner(dpl, tune=tune, keep_fraction=0.25, lr=0.05, steps=steps)
-    views = torch.randn(2, 8, 3, 32, 32, generator=torch.Generator().manual_seed(steps))
+    views = torch.randn(2, 8, 3, 32, 32, generator=torch.Generator().manual_seed(steps), dtype=torch.float64)
     for image in views:
         fast = tuner.predict(image[None])[0]
         literal = literal_tpt_predict(tuner, image)
-        torch.testing.assert_close(fast, literal, rtol=1e-4, atol=1e-4)
+        assert_matches(fast, literal, 1e-9, f"tpt {tune} x{steps}: fast vs literal")
         with torch.no_grad():
             untuned = dpl(image[:1])[0]
         assert (fast - untuned).abs().max() > 1e-2  # the step did change the prediction's logits
 
 
 @pytest.mark.parametrize("tune", ["context", "text_prompts"])
-def test_no_state_leaks_and_batched_equals_one_at_a_time(tiny, tune):
-    dpl = _dpl(tiny, CONFIGS[tune])
+def test_no_state_leaks_and_batched_equals_one_at_a_time(tiny64, tune):
+    dpl = _dpl(tiny64, CONFIGS[tune])
     before = {k: v.clone() for k, v in dpl.prompt_state_dict()["prompts"].items()}
     tuner = TestTimePromptTuner(dpl, tune=tune, keep_fraction=0.2, lr=0.05)
-    views = torch.randn(3, 10, 3, 32, 32, generator=torch.Generator().manual_seed(7))
+    views = torch.randn(3, 10, 3, 32, 32, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
     first = tuner.predict(views[:1])
     tuner.predict(views[1:])
     assert torch.equal(tuner.predict(views[:1]), first)
     for k, v in dpl.prompt_state_dict()["prompts"].items():
         assert torch.equal(v, before[k])
     singles = torch.cat([tuner.predict(views[i:i + 1]) for i in range(3)])
-    torch.testing.assert_close(tuner.predict(views), singles, rtol=1e-5, atol=1e-5)
+    assert_matches(tuner.predict(views), singles, 1e-12, "batched vs one at a time")
 
 
-def test_initial_context_is_the_templates_own_words(tiny):
+def test_initial_context_is_the_templates_own_words(tiny64):
     from fastdpl.literal import literal_encode_text
 
-    dpl = _dpl(tiny, CONFIGS["context"])
+    dpl = _dpl(tiny64, CONFIGS["context"])
     tuner = TestTimePromptTuner(dpl, tune="context")
     assert tuner.initial["context"].shape == (4, 48)  # "a photo of a": 4 tokens, text width 48
     with torch.no_grad():
-        torch.testing.assert_close(literal_encode_text(dpl, tuner.initial["context"]), dpl.encode_text(),
-                                   rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(tuner.encode_text(dict(context=tuner.initial["context"][None]))[0],
-                                   dpl.encode_text(), rtol=1e-5, atol=1e-5)
+        assert_matches(literal_encode_text(dpl, tuner.initial["context"]), dpl.encode_text(), 1e-12, "literal")
+        assert_matches(tuner.encode_text(dict(context=tuner.initial["context"][None]))[0], dpl.encode_text(),
+                       1e-12, "context")
 
 
 def test_tuner_bad_input(tiny):

@@ -10,7 +10,11 @@ candidate_lengths, weights, causal) -> out`` and is differentiable.
   with the weights. The x-part runs on xformers (CUDA), FlexAttention, or plain
   math (materialised scores) where neither runs.
 * ``sdpa_single_path``: the floor: one prompted attention over N + n keys
-  (n = max(lengths) for "a single path", or sum(lengths)), as one SDPA call.
+  (n = max(lengths) for "a single path", or sum(lengths)), as one SDPA call,
+  on PyTorch's own choice of backend or on one named backend (flash, cuDNN,
+  efficient, math). The prompt keys go first and a causal tower uses a
+  lower-right causal mask (query i sees every prompt and original keys <= i),
+  which the flash and efficient backends take without a dense mask.
 """
 from __future__ import annotations
 
@@ -22,26 +26,29 @@ import torch.nn.functional as F
 from fastdpl.ops.reference import candidate_offsets
 
 
-def _prefix_mask(n_queries: int, n_prompt: int, causal: bool, device) -> torch.Tensor | None:
-    """Boolean (N, N + n) mask: causal over the original keys, every prompt key visible."""
-    if not causal:
-        return None
-    original = torch.ones(n_queries, n_queries, dtype=torch.bool, device=device).tril()
-    return torch.cat([original, torch.ones(n_queries, n_prompt, dtype=torch.bool, device=device)], dim=1)
+SDPA_BACKENDS = ("flash", "cudnn", "efficient", "math")
 
 
-def sdpa_over_prefix(q, k, v, prompt_k, prompt_v, causal):
-    """One SDPA call over [k ; prompt_k] (prompts broadcast over the batch, as a prompted block does)."""
-    batch = q.shape[0]
-    keys = torch.cat([k, prompt_k.unsqueeze(0).expand(batch, -1, -1, -1)], dim=2)
-    values = torch.cat([v, prompt_v.unsqueeze(0).expand(batch, -1, -1, -1)], dim=2)
-    mask = _prefix_mask(q.shape[2], prompt_k.shape[1], causal, q.device)
-    return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
+def sdpa_over_prefix(q, k, v, prompt_k, prompt_v, causal, backend: str | None = None):
+    """One SDPA call over [prompt_k ; k] (prompts broadcast over the batch, as a prompted block
+    does); ``backend`` names one of SDPA_BACKENDS, or None for PyTorch's own choice."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.nn.attention.bias import causal_lower_right
+
+    batch, n_prompt = q.shape[0], prompt_k.shape[1]
+    keys = torch.cat([prompt_k.unsqueeze(0).expand(batch, -1, -1, -1), k], dim=2)
+    values = torch.cat([prompt_v.unsqueeze(0).expand(batch, -1, -1, -1), v], dim=2)
+    mask = causal_lower_right(q.shape[2], q.shape[2] + n_prompt) if causal else None
+    if backend is None:
+        return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
+    with sdpa_kernel({"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION,
+                      "efficient": SDPBackend.EFFICIENT_ATTENTION, "math": SDPBackend.MATH}[backend]):
+        return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
 
 
-def sdpa_single_path(q, k, v, prompt_k, prompt_v, candidate_lengths, weights, causal, n_prompt):
+def sdpa_single_path(q, k, v, prompt_k, prompt_v, candidate_lengths, weights, causal, n_prompt, backend=None):
     """The floor: a single prompted attention with the first ``n_prompt`` prompt rows."""
-    return sdpa_over_prefix(q, k, v, prompt_k[:, :n_prompt], prompt_v[:, :n_prompt], causal)
+    return sdpa_over_prefix(q, k, v, prompt_k[:, :n_prompt], prompt_v[:, :n_prompt], causal, backend)
 
 
 def _accumulation_dtype(q):

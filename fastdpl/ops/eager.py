@@ -17,19 +17,41 @@ cancellation in beta dO.v - delta. Only the output is cast back.
 """
 from __future__ import annotations
 
+from functools import lru_cache
 from typing import Sequence
 
 import torch
 
 
-def segment_matrix(candidate_lengths: Sequence[int], device) -> torch.Tensor:
-    """(P, C) float32 one-hot: entry [p, c] is 1 when prompt row p belongs to candidate c."""
-    segment_ids = torch.repeat_interleave(
-        torch.arange(len(candidate_lengths), device=device),
-        torch.tensor(list(candidate_lengths), dtype=torch.long, device=device),
-        output_size=sum(candidate_lengths),
-    )
-    return torch.nn.functional.one_hot(segment_ids, len(candidate_lengths)).to(torch.float32)
+def _segment_matrix(candidate_lengths: tuple, device, dtype) -> torch.Tensor:
+    rows = [[float(c == k) for k in range(len(candidate_lengths))]
+            for c, n in enumerate(candidate_lengths) for _ in range(n)]
+    return torch.tensor(rows, dtype=dtype, device=device).reshape(sum(candidate_lengths), len(candidate_lengths))
+
+
+def _future_mask(n_queries: int, device) -> torch.Tensor:
+    return torch.ones(n_queries, n_queries, dtype=torch.bool, device=device).triu(1)
+
+
+# Built once per (lengths, device, dtype) / (N, device): no tensor construction and no
+# host-to-device copy per call. torch.compile traces the builders instead (constants).
+_cached_segment_matrix = lru_cache(maxsize=64)(_segment_matrix)
+_cached_future_mask = lru_cache(maxsize=64)(_future_mask)
+
+
+def segment_matrix(candidate_lengths: Sequence[int], device, dtype=torch.float32) -> torch.Tensor:
+    """(P, C) one-hot: entry [p, c] is 1 when prompt row p belongs to candidate c."""
+    lengths = tuple(int(n) for n in candidate_lengths)
+    if torch.compiler.is_compiling():
+        return _segment_matrix(lengths, torch.device(device), dtype)
+    return _cached_segment_matrix(lengths, torch.device(device), dtype)
+
+
+def future_mask(n_queries: int, device) -> torch.Tensor:
+    """(N, N) bool: True above the diagonal (keys a causal query may not see)."""
+    if torch.compiler.is_compiling():
+        return _future_mask(n_queries, device)
+    return _cached_future_mask(int(n_queries), torch.device(device))
 
 
 def eager_mixture_prefix_attention(q, k, v, prompt_k, prompt_v, candidate_lengths, weights, causal=False):
@@ -38,8 +60,7 @@ def eager_mixture_prefix_attention(q, k, v, prompt_k, prompt_v, candidate_length
     acc = torch.promote_types(q.dtype, torch.float32)  # float64 stays float64 (gradcheck)
     scores = (q.to(acc) @ k.to(acc).transpose(-1, -2)) * scale  # (B, H, N, N)
     if causal:
-        future = torch.ones(n_queries, n_queries, dtype=torch.bool, device=q.device).triu(1)
-        scores = scores.masked_fill(future, float("-inf"))
+        scores = scores.masked_fill(future_mask(n_queries, q.device), float("-inf"))
     row_max = scores.amax(dim=-1)
     has_prompts = prompt_k.shape[1] > 0
     if has_prompts:
@@ -52,7 +73,7 @@ def eager_mixture_prefix_attention(q, k, v, prompt_k, prompt_v, candidate_length
     probs = torch.exp(scores - row_max)
     denominators = probs.sum(dim=-1, keepdim=True).expand(*probs.shape[:-1], len(candidate_lengths))
     if has_prompts:
-        segments = segment_matrix(candidate_lengths, q.device).to(acc)
+        segments = segment_matrix(candidate_lengths, q.device, acc)
         prompt_probs = torch.exp(prompt_scores - row_max)
         denominators = denominators + prompt_probs @ segments  # Z_c, (B, H, N, C)
     gamma = weights.to(acc) / denominators

@@ -7,6 +7,7 @@ prompt_config.json, prompts.pt, alpha_heatmap.png, alpha_evolution.png), ``train
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import time
@@ -148,6 +149,35 @@ def _loss_step(net, optimizer, images, labels, job: Job, extra_loss=None):
     return loss.detach(), logits.detach()
 
 
+def _arch_step(net, optimizer, images, labels, job: Job) -> None:
+    """One optimiser step on alpha alone: gradients of alpha only, averaged over ranks by hand.
+
+    ``loss.backward()`` would also compute every prompt gradient (and DDP would
+    all-reduce them) only for the prompt step to discard them. ``autograd.grad``
+    asks for alpha's gradients alone, so the prompt projections' backward never
+    runs; DDP's hooks stay out of it (``no_sync``) and the few alpha values are
+    averaged over ranks here, as DDP would have averaged them.
+    """
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    images, labels = images.to(job.device, non_blocking=True), labels.to(job.device, non_blocking=True)
+    no_sync = net.no_sync() if isinstance(net, torch.nn.parallel.DistributedDataParallel) else contextlib.nullcontext()
+    with no_sync:
+        with nvtx_range("fastdpl/pipeline/forward"), autocast(job.device, job.cfg.precision):
+            loss = F.cross_entropy(net(images).float(), labels)
+        with nvtx_range("fastdpl/pipeline/backward"):
+            grads = torch.autograd.grad(loss, params, allow_unused=True, materialize_grads=True)
+    if job.ranks.enabled:
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        torch.distributed.all_reduce(flat)
+        grads = torch.split(flat / job.ranks.world, [g.numel() for g in grads])
+    with nvtx_range("fastdpl/pipeline/optimizer"):
+        for p, g in zip(params, grads):
+            p.grad = g.view_as(p)
+        if job.cfg.grad_clip is not None:
+            torch.nn.utils.clip_grad_norm_(params, job.cfg.grad_clip)
+        optimizer.step()
+
+
 # ---- checkpoints --------------------------------------------------------------------------------------
 def _checkpoint_path(out: Path) -> Path:
     return out / "checkpoint.pt"
@@ -211,7 +241,7 @@ def run_search(cfg: RunConfig) -> dict:
         for images, labels in bar:
             with nvtx_range("fastdpl/pipeline/data"):
                 val_images, val_labels = next(val_batches)
-            _loss_step(net, arch_opt, val_images, val_labels, job)       # alpha on validation
+            _arch_step(net, arch_opt, val_images, val_labels, job)       # alpha on validation
             loss, logits = _loss_step(net, prompt_opt, images, labels, job)  # prompts on training
             meter.update(loss, logits, labels.to(job.device))
             meter.show(bar, job.ranks)
