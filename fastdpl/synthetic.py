@@ -42,9 +42,11 @@ def build_tiny_clip(seed: int = 0):
     import open_clip
     from open_clip.model import CLIPTextCfg, CLIPVisionCfg
 
-    torch.manual_seed(seed)
-    return open_clip.CLIP(embed_dim=MODEL_CONFIG["embed_dim"], vision_cfg=CLIPVisionCfg(**MODEL_CONFIG["vision_cfg"]),
-                          text_cfg=CLIPTextCfg(**MODEL_CONFIG["text_cfg"]))
+    with torch.random.fork_rng(devices=[]):  # the caller's global RNG stays as it was
+        torch.manual_seed(seed)
+        return open_clip.CLIP(embed_dim=MODEL_CONFIG["embed_dim"],
+                              vision_cfg=CLIPVisionCfg(**MODEL_CONFIG["vision_cfg"]),
+                              text_cfg=CLIPTextCfg(**MODEL_CONFIG["text_cfg"]))
 
 
 def _draw_digit(rng: random.Random, digit: int, colour) -> Image.Image:

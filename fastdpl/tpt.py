@@ -30,6 +30,7 @@ import random
 import torch
 import torch.nn.functional as F
 
+from .dtypes import at_least_float32
 from .profiling import nvtx_range
 from .prompt import FastDPLPrompt
 from .towers import project_prompts, text_module
@@ -38,14 +39,9 @@ TUNE = ("auto", "context", "text_prompts")
 
 
 # ---- the objective ----------------------------------------------------------------------------------
-def _widened(logits: torch.Tensor) -> torch.Tensor:
-    """16-bit logits in float32; float32 and float64 as they are."""
-    return logits.to(torch.promote_types(logits.dtype, torch.float32))
-
-
 def view_entropies(logits: torch.Tensor) -> torch.Tensor:
     """Entropy of softmax(logits) per view: (..., V, C) -> (..., V); at least float32."""
-    logp = torch.log_softmax(_widened(logits), dim=-1)
+    logp = torch.log_softmax(at_least_float32(logits), dim=-1)
     return -(logp.exp() * logp).sum(-1)
 
 
@@ -67,7 +63,7 @@ def average_entropy(logits: torch.Tensor) -> torch.Tensor:
     The mean is taken in probability space but computed in log space:
     log p̄ = logsumexp_k(log p_k) - log K, so confident views cannot underflow it.
     """
-    logp = torch.log_softmax(_widened(logits), dim=-1)
+    logp = torch.log_softmax(at_least_float32(logits), dim=-1)
     mean_logp = torch.logsumexp(logp, dim=-2) - math.log(logits.shape[-2])
     return -(mean_logp.exp() * mean_logp).sum(-1)
 

@@ -37,8 +37,6 @@ from dataclasses import asdict, dataclass
 import torch
 import triton
 from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource, make_backend
-from triton.runtime.jit import create_function_from_signature
 
 from . import forward, mixture_attention
 from .mixture_attention import backward_launches, forward_launches
@@ -119,6 +117,11 @@ def launches_for(variant: Variant, batch: int = 2, device: str = "cpu"):
 
 def compile_launch(launch, target: GPUTarget):
     """triton.compile of one launch, specialised by Triton's own binder as a launch would be."""
+    # Triton's own binder and compiler entry points (3.4+); imported here so that the
+    # native path (Triton's public warmup) works on other versions too.
+    from triton.compiler import ASTSource, make_backend
+    from triton.runtime.jit import create_function_from_signature
+
     kernel, kwargs = launch.kernel, dict(launch.meta)
     if not hasattr(kernel, "params"):
         raise RuntimeError("kernels are interpreted (TRITON_INTERPRET=1): compile in a process without it")
@@ -172,6 +175,12 @@ def classify_dots(ttgir: str) -> dict:
     return counts
 
 
+def count_atomics(ttgir: str) -> int:
+    """Atomic read-modify-writes in the kernel: none may exist, so that every result is
+    reproducible bit for bit (a property the interpreter, being sequential, cannot show)."""
+    return len(re.findall(r"\btt\.atomic_\w+", ttgir))
+
+
 def _ptxas_stats(log: str) -> dict:
     regs = re.search(r"Used (\d+) registers", log)
     spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log)
@@ -198,7 +207,7 @@ def inspect_launch(launch, target: GPUTarget) -> dict:
            "seconds": round(time.perf_counter() - started, 2),
            "wgmma": compiled.asm["ptx"].count("wgmma.mma_async"), "mma_sync": compiled.asm["ptx"].count("mma.sync")}
     row.update(_ptxas_stats(log.getvalue()))
-    row.update(classify_dots(compiled.asm["ttgir"]))
+    row.update(classify_dots(compiled.asm["ttgir"]), atomics=count_atomics(compiled.asm["ttgir"]))
     return row
 
 
@@ -215,7 +224,7 @@ def inspect_native(launch) -> dict:
             "dot_precision": launch.meta.get("DOT_PRECISION"), "registers": compiled.n_regs,
             "spill_stores": compiled.n_spills, "spill_loads": None, "shared": compiled.metadata.shared,
             "shared_limit": SHARED_LIMIT.get(target.arch), "seconds": round(time.perf_counter() - started, 2),
-            **classify_dots(compiled.asm["ttgir"])}
+            **classify_dots(compiled.asm["ttgir"]), "atomics": count_atomics(compiled.asm["ttgir"])}
 
 
 def inspect_variant(variant: Variant, target: GPUTarget | None = None, native: bool = False) -> list[dict]:
@@ -246,7 +255,8 @@ def markdown(rows: list[dict]) -> str:
             body.append(f"| {r['variant']} | {r['kernel']} | error: {r['error'][:80]} | | | | | | |")
             continue
         b = r["blocks"]
-        tiles = f"{b.get('BLOCK_M', '-')}×{b.get('BLOCK_N', b.get('BLOCK_P', '-'))}, {r['num_warps']}, {r['num_stages']}"
+        cols = b.get("BLOCK_N", b.get("BLOCK_P", "-"))
+        tiles = f"{b.get('BLOCK_M', '-')}×{cols}, {r['num_warps']}, {r['num_stages']}"
         body.append(f"| {r['variant']} | {r['kernel']} | {tiles} | {r['registers']} | "
                     f"{r['spill_stores']}/{r['spill_loads']} | {r['shared']} | {r['main_tc']}/{r['main_fma']} | "
                     f"{r['gather_fma']} | {r['seconds']} |")

@@ -21,14 +21,16 @@ from functools import lru_cache
 import torch
 import triton
 
+from fastdpl.ops import triton_interpreted
+
 from . import configs
 from .backward import kv_bwd_kernel, prompt_bwd_kernel, q_bwd_kernel
 from .forward import mixture_attention_fwd_kernel
 
 LOG2E = 1.4426950408889634
 MIN_HEAD_DIM, MAX_HEAD_DIM = 16, 128
-# Kernels were decorated in interpreter mode iff TRITON_INTERPRET=1 at import.
-INTERPRETED = bool(getattr(getattr(triton, "knobs", None), "runtime", None) and triton.knobs.runtime.interpret)
+# Kernels were decorated in interpreter mode iff TRITON_INTERPRET was set when they were imported.
+INTERPRETED = triton_interpreted()
 FP32_PRECISIONS = ("tf32x3", "tf32", "ieee")
 _fp32_precision = os.environ.get("FASTDPL_FP32_PRECISION", "tf32x3")
 

@@ -7,10 +7,10 @@ from dataclasses import dataclass
 
 import torch
 
-from fastdpl.ops import mixture_prefix_attention
+from fastdpl.ops import mixture_prefix_attention, triton_interpreted
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+INTERPRETED = triton_interpreted()
 # Triton runs on CUDA, or anywhere under the interpreter.
 TRITON_DEVICE = DEVICE if DEVICE.type == "cuda" else (torch.device("cpu") if INTERPRETED else None)
 

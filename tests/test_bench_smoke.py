@@ -10,7 +10,7 @@ import torch
 
 from fastdpl.bench import op, peers
 from fastdpl.ops import mixture_prefix_attention
-from helpers import Case, assert_matches, make_inputs
+from helpers import INTERPRETED, Case, assert_matches, make_inputs
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -64,7 +64,7 @@ def test_runner_writes_json_with_provenance(tmp_path):
         assert key in saved["environment"]
     providers = {r["provider"] for r in saved["rows"]}
     assert {"reference", "eager", "sdpa_n+max", "lse_merge_math"} <= providers
-    if os.environ.get("TRITON_INTERPRET") == "1":
+    if INTERPRETED:
         assert "triton" in providers
     for row in saved["rows"]:
         assert "error" not in row, row

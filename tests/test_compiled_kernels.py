@@ -90,6 +90,13 @@ def test_main_dots_run_on_tensor_cores(compiled_rows):
     assert not any(gathers(r) for r in rows), _failures(rows, gathers, lambda r: f"{r['gather_fma']} gathers")
 
 
+def test_no_atomics_anywhere(compiled_rows):
+    """Determinism by construction: no kernel accumulates through atomics (the interpreter runs
+    programs one after another, so a CPU run could never show an atomics race)."""
+    rows = [r for r in compiled_rows if "error" not in r]
+    assert not any(r["atomics"] for r in rows), _failures(rows, lambda r: r["atomics"], lambda r: f"{r['atomics']}")
+
+
 def test_hopper_uses_wgmma_for_large_tiles(compiled_rows):
     """On sm_90 the 64-row tiles and larger use warpgroup MMA; sm_80 has none."""
     for r in compiled_rows:

@@ -252,7 +252,8 @@ def test_warm_calls_build_no_tensors(impl, monkeypatch):
     built = []
     for name in FACTORIES:
         real = getattr(torch, name)
-        monkeypatch.setattr(torch, name, lambda *a, _real=real, _name=name, **kw: built.append(_name) or _real(*a, **kw))
+        monkeypatch.setattr(torch, name,
+                            lambda *a, _real=real, _name=name, **kw: built.append(_name) or _real(*a, **kw))
     if device.type == "cuda":
         torch.cuda.set_sync_debug_mode("error")
     try:

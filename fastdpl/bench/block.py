@@ -43,9 +43,10 @@ SMOKE_SHAPES = [BlockShape("smoke", 2, 9, 64, 4, True, (0, 1, 3))]
 def _block(shape: BlockShape, device, dtype):
     from open_clip.transformer import ResidualAttentionBlock
 
-    torch.manual_seed(0)
-    block = ResidualAttentionBlock(shape.width, shape.heads, batch_first=True).to(device, dtype)
-    return block.requires_grad_(False)
+    with torch.random.fork_rng(devices=[]):  # random weights from seed 0; the caller's RNG stays as it was
+        torch.manual_seed(0)
+        block = ResidualAttentionBlock(shape.width, shape.heads, batch_first=True)
+    return block.to(device, dtype).requires_grad_(False)
 
 
 def providers(shape: BlockShape, device, dtype, impl: str) -> dict:

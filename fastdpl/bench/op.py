@@ -16,12 +16,11 @@ prompt keys, two matmuls of 2*N*keys*D each,
 from __future__ import annotations
 
 import functools
-import os
 from dataclasses import dataclass
 
 import torch
 
-from fastdpl.ops import mixture_prefix_attention, triton_available
+from fastdpl.ops import mixture_prefix_attention, triton_available, triton_interpreted
 from . import peers
 from .suite import Suite, run_suite, suite_main, table
 from .timing import peak_memory_mb, summarize, time_interleaved
@@ -67,7 +66,7 @@ def providers(device: torch.device, shape: OpShape) -> dict:
     """Name -> callable with the op's signature, for what runs on this device."""
     found = {}
     for impl in ("reference", "eager", "triton"):
-        if impl == "triton" and not (triton_available() and (device.type == "cuda" or _interpreted())):
+        if impl == "triton" and not (triton_available() and (device.type == "cuda" or triton_interpreted())):
             continue
         found[impl] = functools.partial(mixture_prefix_attention, impl=impl)
     found["lse_merge_math"] = functools.partial(peers.lse_merge, x_backend="math")
@@ -81,10 +80,6 @@ def providers(device: torch.device, shape: OpShape) -> dict:
             found[f"sdpa_n+sum_{backend}"] = functools.partial(peers.sdpa_single_path, n_prompt=sum(shape.lengths),
                                                                backend=backend)
     return found
-
-
-def _interpreted() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def make_input_sets(shape: OpShape, dtype, device, count: int, seed: int = 0):
@@ -161,7 +156,8 @@ def _add_ratios(rows):
 def format_table(rows) -> str:
     return table(rows, [("shape", 18), ("mode", 8), ("provider", 20)],
                  [("median ms", "median_ms", ".3f"), ("IQR ms", "iqr", ".3f"), ("peak MB", "peak_memory_mb", ".0f"),
-                  ("TFLOP/s", "tflops", ".3f"), ("x single", "vs_single_path", ".2f"), ("x sdpa+21", "vs_sdpa_sum", ".2f"),
+                  ("TFLOP/s", "tflops", ".3f"), ("x single", "vs_single_path", ".2f"),
+                  ("x sdpa+21", "vs_sdpa_sum", ".2f"),
                   ("ref/this", "speedup_vs_reference", ".2f")])
 
 

@@ -53,19 +53,21 @@ def tiny_clip(seed: int = 0, **text_overrides):
     import open_clip
     from open_clip.model import CLIPTextCfg, CLIPVisionCfg
 
-    torch.manual_seed(seed)
     text_cfg = dict(context_length=77, vocab_size=49408, width=48, heads=3, layers=3)
     text_cfg.update(text_overrides)
     vision_cfg = CLIPVisionCfg(image_size=32, patch_size=8, width=64, head_width=16, layers=3)
-    return open_clip.CLIP(embed_dim=32, vision_cfg=vision_cfg, text_cfg=CLIPTextCfg(**text_cfg)).eval()
+    with torch.random.fork_rng(devices=[]):  # open_clip initialises from the global RNG; the caller's stays as it was
+        torch.manual_seed(seed)
+        return open_clip.CLIP(embed_dim=32, vision_cfg=vision_cfg, text_cfg=CLIPTextCfg(**text_cfg)).eval()
 
 
 def build_model(name: str, device):
     """open_clip model with random weights (no download); "tiny" is tiny_clip()."""
     import open_clip
 
-    torch.manual_seed(0)
-    model = tiny_clip() if name == "tiny" else open_clip.create_model(name, pretrained=None)
+    with torch.random.fork_rng(devices=[]):  # random weights from seed 0; the caller's RNG stays as it was
+        torch.manual_seed(0)
+        model = tiny_clip() if name == "tiny" else open_clip.create_model(name, pretrained=None)
     return model.to(device).eval()
 
 

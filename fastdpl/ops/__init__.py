@@ -28,7 +28,7 @@ _ENGINES = {
 }
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
-__all__ = ["IMPLS", "mixture_prefix_attention", "resolve_impl", "triton_available"]
+__all__ = ["IMPLS", "mixture_prefix_attention", "resolve_impl", "triton_available", "triton_interpreted"]
 
 
 def _find_triton() -> bool:
@@ -45,6 +45,18 @@ _TRITON_FOUND = _find_triton()
 def triton_available() -> bool:
     """Whether Triton is installed here (its kernels still need CUDA or TRITON_INTERPRET=1)."""
     return _TRITON_FOUND
+
+
+def triton_interpreted() -> bool:
+    """Whether Triton runs kernels in its interpreter (TRITON_INTERPRET, read by Triton itself).
+
+    The one place fastdpl asks; it imports Triton only when called. Kernels are decorated
+    in interpreter mode when first imported, so set the variable before that."""
+    if not _TRITON_FOUND:
+        return False
+    from triton import knobs
+
+    return bool(knobs.runtime.interpret)
 
 
 def resolve_impl(impl: str, device: torch.device) -> str:

@@ -1,7 +1,8 @@
 """The trainable classifier the stages optimise, with the class texts split across ranks.
 
 Under torchrun every rank encodes the image batch it holds and only its share
-of the class texts (ceil(C / W) classes); the text features are all-gathered
+of the class texts (balanced: rank r takes classes floor(rC/W) .. floor((r+1)C/W),
+so no rank is left without one while C >= W); the text features are all-gathered
 *with gradients* (torch.distributed.nn.functional.all_gather: its backward sums
 every rank's gradient for a rank's share back onto that rank), so rank r's text
 prompts receive d(sum of all ranks' losses)/d(its share). DistributedDataParallel
@@ -10,7 +11,6 @@ mean loss over the global batch, as on one process with the whole batch.
 """
 from __future__ import annotations
 
-import math
 
 import torch
 import torch.nn as nn
@@ -20,6 +20,11 @@ from ..prompt import FastDPLPrompt
 from .runtime import Dist
 
 
+def class_shares(num_classes: int, world: int) -> list[tuple[int, int]]:
+    """[lo, hi) class range of each rank: balanced, sizes differ by at most one."""
+    return [(r * num_classes // world, (r + 1) * num_classes // world) for r in range(world)]
+
+
 class ShardedTextClassifier(nn.Module):
     def __init__(self, dpl: FastDPLPrompt, ranks: Dist):
         super().__init__()
@@ -27,18 +32,19 @@ class ShardedTextClassifier(nn.Module):
             raise ValueError(f"{ranks.world} ranks but only {dpl.num_classes} classes: every rank needs at "
                              "least one class text (use fewer processes)")
         self.dpl, self.ranks = dpl, ranks
-        self.share = math.ceil(dpl.num_classes / ranks.world)
+        self.shares = class_shares(dpl.num_classes, ranks.world)
+        self.share = max(hi - lo for lo, hi in self.shares)  # padded size for all_gather
 
     def text_features(self) -> torch.Tensor:
         if not self.ranks.enabled:
             return self.dpl.encode_text()
         from torch.distributed.nn.functional import all_gather
 
-        lo = self.ranks.rank * self.share
-        hi = min(lo + self.share, self.dpl.num_classes)
+        lo, hi = self.shares[self.ranks.rank]
         local = self.dpl.encode_text(slice(lo, hi))
         local = F.pad(local, (0, 0, 0, self.share - local.shape[0]))  # all_gather needs equal shapes
-        return torch.cat(all_gather(local))[:self.dpl.num_classes]
+        gathered = all_gather(local)
+        return torch.cat([g[:hi - lo] for g, (lo, hi) in zip(gathered, self.shares)])
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.dpl.logits(self.dpl.encode_image(images), self.text_features())

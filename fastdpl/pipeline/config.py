@@ -130,8 +130,11 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     defaults = RunConfig()
     for f in fields(RunConfig):
         flag = "--" + f.name.replace("_", "-")
+        # A bool setting given without a value means true (``--resume`` = ``--resume true``).
+        is_bool = _HINTS[f.name] is bool
         group.add_argument(flag, dest=f.name, default=argparse.SUPPRESS, metavar=f.name.upper(),
                            type=lambda text, name=f.name: _parse_value(name, text),
+                           nargs="?" if is_bool else None, const=True if is_bool else None,
                            help=f"default: {getattr(defaults, f.name)!r}")
 
 

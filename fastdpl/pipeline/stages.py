@@ -21,6 +21,7 @@ from tqdm import tqdm
 from ..atomic import save_atomic, write_text_atomic
 from ..config import PromptConfig
 from ..data import fewshot_splits, load_dataset, subsample_classes
+from ..dtypes import at_least_float32
 from ..models import load_clip
 from ..profiling import nvtx_range
 from ..prompt import FastDPLPrompt
@@ -107,8 +108,20 @@ class Meter:
         self.steps += 1
 
     def summary(self) -> dict:
+        """This process's running loss and accuracy (the progress bar's view)."""
         seen = max(self.seen, 1)
         return {"loss": float(self.loss) / seen, "accuracy": float(self.correct) / seen}
+
+    def epoch_summary(self, ranks: Dist) -> dict:
+        """Loss and accuracy over the global batch: every rank's sums, all-reduced (collective)."""
+        if not ranks.enabled:
+            return self.summary()
+        device = self.loss.device if isinstance(self.loss, torch.Tensor) else "cpu"
+        sums = torch.tensor([float(self.loss), float(self.correct), float(self.seen)], dtype=torch.float64,
+                            device=device)
+        torch.distributed.all_reduce(sums)
+        seen = max(sums[2].item(), 1.0)
+        return {"loss": sums[0].item() / seen, "accuracy": sums[1].item() / seen}
 
     def show(self, bar, ranks: Dist) -> None:
         """Loss, accuracy and images/s (all ranks) on the bar, every ``refresh`` steps."""
@@ -246,7 +259,7 @@ def run_search(cfg: RunConfig) -> dict:
             meter.update(loss, logits, labels.to(job.device))
             meter.show(bar, job.ranks)
         scheduler.step()
-        history.append({"epoch": epoch + 1, **meter.summary(), "alpha": alpha_snapshot(dpl)})
+        history.append({"epoch": epoch + 1, **meter.epoch_summary(job.ranks), "alpha": alpha_snapshot(dpl)})
         _save_checkpoint(job, out, epoch + 1, dpl, optimizers, scheduler, history)
         if job.ranks.main:
             write_text_atomic(out / "alpha_history.json", json.dumps(history))
@@ -305,13 +318,14 @@ def zero_shot_teacher(job: Job, classnames):
     model = job.model
     context = text_module(model).positional_embedding.shape[0]
     with torch.no_grad():
-        per_template = [F.normalize(model.encode_text(_tokenize(classnames, t, None, context).to(job.device)).float(),
-                                    dim=-1) for t in TEACHER_TEMPLATES]
+        per_template = [F.normalize(at_least_float32(model.encode_text(_tokenize(classnames, t, None, context)
+                                                                       .to(job.device))), dim=-1)
+                        for t in TEACHER_TEMPLATES]
         text = F.normalize(torch.stack(per_template).mean(0), dim=-1)
 
     def logits(images):
         with torch.no_grad():
-            image = F.normalize(model.encode_image(images).float(), dim=-1)
+            image = F.normalize(at_least_float32(model.encode_image(images)), dim=-1)
             return model.logit_scale.exp() * image @ text.T
     return logits
 
@@ -357,7 +371,7 @@ def run_train(cfg: RunConfig) -> dict:
                 meter.update(loss, logits, labels.to(job.device))
                 meter.show(bar, job.ranks)
             scheduler.step()
-            history.append({"epoch": epoch + 1, **meter.summary()})
+            history.append({"epoch": epoch + 1, **meter.epoch_summary(job.ranks)})
             _save_checkpoint(job, out, epoch + 1, dpl, {"prompt": optimizer}, scheduler, history)
             if job.ranks.main:
                 _log_epoch(job, "train", history[-1])
