@@ -11,6 +11,16 @@ from pathlib import Path
 from typing import Callable
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+# The permissions an ordinary open() would give (mkstemp's temporary files are 0600).
+FILE_MODE = 0o666 & ~_umask()
+
+
 def replace_atomically(path, write: Callable[[Path], object]) -> Path:
     """``write(tmp)`` fills a temporary file next to ``path``; then it replaces ``path`` in one rename."""
     path = Path(path)
@@ -19,6 +29,7 @@ def replace_atomically(path, write: Callable[[Path], object]) -> Path:
     os.close(fd)
     try:
         write(Path(tmp))
+        os.chmod(tmp, FILE_MODE)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -61,8 +61,20 @@ def main(argv=None) -> int:
     try:
         return _run(args)
     except (ValueError, FileNotFoundError, FileExistsError, RuntimeError) as exc:
-        print(f"fastdpl {args.command}: error: {exc}", file=sys.stderr)
+        print(f"fastdpl {args.command}: error: {plain_message(exc)}", file=sys.stderr)
         return 2
+
+
+def plain_message(exc: BaseException) -> str:
+    """The error's own message: an exception raised in a DataLoader worker comes back with the
+    worker's whole traceback in its text ("Caught X in DataLoader worker process 0 ... Original
+    Traceback ..."); its last line holds the original message, which is what the user needs."""
+    text = str(exc)
+    if "Original Traceback" not in text:
+        return text
+    last = [line for line in text.strip().splitlines() if line.strip()][-1]
+    name = type(exc).__name__
+    return last.split(f"{name}: ", 1)[1] if f"{name}: " in last else last
 
 
 def _run(args) -> int:

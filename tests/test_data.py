@@ -260,3 +260,53 @@ def test_seeded_augmentation_and_rank_shares(tmp_path):
     for whole, first, second in zip(one, *two):
         assert whole == first + second
     assert len(two[0]) == 60 // 8 and len(one) == math.ceil(60 / 8)
+
+
+def test_check_data_decodes_every_image_and_checks_every_split(tmp_path):
+    """A truncated JPEG (which PIL's verify() passes) and a class without validation images are
+    both reported, naming the file, or the class and split; few-shot sampling names them too."""
+    import io
+
+    base = make_split_json_dataset(tmp_path)
+    split_file = base / "split_zhou_DescribableTextures.json"
+    data = json.loads(split_file.read_text())
+    # A real JPEG cut in half: the header is fine, the pixels are not all there.
+    buffer = io.BytesIO()
+    Image.fromarray(torch.randint(0, 256, (64, 64, 3), dtype=torch.uint8).numpy()).save(buffer, "JPEG")
+    truncated = base / "images" / "cracked" / "train_0.jpg"
+    truncated.write_bytes(buffer.getvalue()[: len(buffer.getvalue()) // 2])
+    with Image.open(truncated) as img:
+        img.verify()  # what check-data used to do: passes
+    data["train"][0] = ["cracked/train_0.jpg", data["train"][0][1], data["train"][0][2]]
+    data["train"][0][1:] = [2, "cracked"]
+    data["val"] = [row for row in data["val"] if row[2] != "bubbly"]
+    split_file.write_text(json.dumps(data))
+    _, problems = check_dataset("dtd", tmp_path, shots=4)
+    text = "\n".join(problems)
+    assert "unreadable image: " in text and "cracked/train_0.jpg" in text
+    assert "val: classes 1 ('bubbly') have no images" in text
+    with pytest.raises(DatasetError, match=r"^dtd: class 1 \('bubbly'\) has no val images; add some"):
+        fewshot_splits(load_dataset("dtd", tmp_path), 4, 1)
+
+
+def test_worker_data_errors_reach_the_user_as_one_line(tmp_path):
+    """An unreadable image met by a DataLoader worker: one message naming the file, no traceback."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    for label in ("one", "two", "three"):
+        for i in range(4):
+            _png(tmp_path / "data" / label / f"{i}.png", seed=i)
+    (tmp_path / "data" / "two" / "2.png").write_bytes(b"\\x89PNG but not really")
+    root = Path(__file__).resolve().parents[1]
+    done = subprocess.run(
+        [sys.executable, "-m", "fastdpl.cli", "search", "--dataset", f"folder:{tmp_path / 'data'}", "--model", "tiny",
+         "--shots", "4", "--batch-size", "4", "--search-epochs", "1", "--workers", "2", "--device", "cpu",
+         "--progress", "false", "--output", str(tmp_path / "run")],
+        capture_output=True, text=True, timeout=300, cwd=root, env={**os.environ, "PYTHONPATH": str(root)})
+    assert done.returncode == 2, done.stderr[-2000:]
+    lines = done.stderr.strip().splitlines()
+    assert "Traceback" not in done.stderr and len(lines) == 1, done.stderr[-2000:]
+    assert lines[0].startswith("fastdpl search: error: unreadable image: ") and "two/2.png" in lines[0]

@@ -469,3 +469,62 @@ def test_sharded_text_features_balance_classes_over_ranks(tmp_path, classes, wor
         assert_matches(averaged, p.grad.double(), 2.0 ** -22, f"prompt {i}: gradient averaged over ranks")
         checked += 1
     assert checked >= 2
+
+
+def test_resume_refuses_changed_settings_and_results_are_never_overwritten(tmp_path):
+    """Changed settings are refused by name (workers/progress may change); run.yaml keeps the
+    record of what made the checkpoint; an earlier results.json is kept, never overwritten."""
+    cfg = quick(tmp_path, shots=4, search_epochs=1)
+    stages.run_search(cfg)
+    record = (tmp_path / "run" / "search" / "run.yaml").read_text()
+    changed = quick(tmp_path, shots=2, lr=0.5, search_epochs=1, resume=True)
+    with pytest.raises(ValueError, match=r"^--resume: .*checkpoint\.pt was made with other settings "
+                                         r"\(shots: 4 -> 2; lr: 0\.01 -> 0\.5\)"):
+        stages.run_search(changed)
+    assert (tmp_path / "run" / "search" / "run.yaml").read_text() == record
+    # Settings that cannot change the result may differ; the finished run is picked up.
+    stages.run_search(quick(tmp_path, shots=4, search_epochs=1, resume=True, workers=1, progress=True))
+    assert (tmp_path / "run" / "search" / "run.yaml").read_text() == record
+
+    zero = quick(tmp_path, output=str(tmp_path / "zs"), shots=4)
+    first = stages.run_zeroshot(zero)
+    results = tmp_path / "zs" / "zeroshot" / "results.json"
+    before = results.read_text()
+    with pytest.raises(FileExistsError, match=r"results\.json exists \(an earlier zeroshot result\): pass --resume"):
+        stages.run_zeroshot(zero)
+    assert stages.run_zeroshot(quick(tmp_path, output=str(tmp_path / "zs"), shots=4, resume=True)) == first
+    assert results.read_text() == before
+
+
+def test_stages_log_epochs_metrics_and_write_normal_files(tmp_path, capsys):
+    """With --progress false the per-epoch lines still print; log.txt and metrics.jsonl hold them;
+    files get the permissions an ordinary write would (not mkstemp's 0600)."""
+    import stat
+
+    stages.run_search(quick(tmp_path, shots=2, search_epochs=2, progress=False))
+    printed = capsys.readouterr().out
+    out = tmp_path / "run" / "search"
+    lines = [line for line in printed.splitlines() if line.startswith("search epoch")]
+    assert len(lines) == 2 and "alpha entropy image" in lines[0] and ", lr " in lines[0]
+    assert (out / "log.txt").read_text().splitlines() == lines
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [m["epoch"] for m in metrics] == [1, 2]
+    for m in metrics:
+        assert {"loss", "accuracy", "lr", "alpha_entropy"} <= set(m) and "alpha" not in m
+        candidates = len(quick(tmp_path).candidate_lengths)
+        assert 0 < m["alpha_entropy"]["text"] <= math.log(candidates) + 1e-9  # at most uniform's entropy
+    assert metrics[0]["lr"] == pytest.approx(quick(tmp_path).warmup_lr)  # the warm-up epoch
+    expected_mode = 0o666 & ~_umask()
+    for name in ("run.yaml", "checkpoint.pt", "metrics.jsonl", "alpha_history.json", "prompt_config.json"):
+        assert stat.S_IMODE((out / name).stat().st_mode) == expected_mode, name
+    try:
+        import torch.utils.tensorboard  # noqa: F401
+    except ImportError:
+        return
+    assert any((out / "tensorboard").iterdir())
+
+
+def _umask():
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask

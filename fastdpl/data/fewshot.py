@@ -19,13 +19,16 @@ def _per_class(samples, num_classes):
     return groups
 
 
-def _sample_indices(samples, num_classes, per_class: int, rng: random.Random, exclude=frozenset()):
-    """Up to ``per_class`` indices per class (all of them where a class has fewer), sorted."""
+def _sample_indices(splits: DatasetSplits, split: str, per_class: int, rng: random.Random, exclude=frozenset()):
+    """Up to ``per_class`` indices per class of ``split`` (all of them where a class has fewer), sorted."""
     chosen = []
-    for label, indices in enumerate(_per_class(samples, num_classes)):
+    for label, indices in enumerate(_per_class(getattr(splits, split), splits.num_classes)):
         pool = [i for i in indices if i not in exclude]
         if not pool:
-            raise DatasetError(f"class {label} has no images left to sample from")
+            taken = " that the training shots did not already take" if indices else ""
+            raise DatasetError(f"{splits.name}: class {label} ({splits.classnames[label]!r}) has no {split} "
+                               f"images{taken}; add some to the {split} split (`fastdpl check-data` lists every "
+                               "such class)")
         chosen += rng.sample(pool, min(per_class, len(pool)))
     return sorted(chosen)
 
@@ -35,11 +38,10 @@ def fewshot_indices(splits: DatasetSplits, shots: int, seed: int) -> dict:
     if not isinstance(shots, int) or shots < 1:
         raise ValueError(f"shots must be a positive int, got {shots!r}")
     rng = random.Random(seed)
-    train = _sample_indices(splits.train, splits.num_classes, shots, rng)
+    train = _sample_indices(splits, "train", shots, rng)
     # ImageNet draws its validation shots from the training images: keep them disjoint.
     same_pool = splits.val is splits.train or (splits.val and splits.val == splits.train)
-    val = _sample_indices(splits.val, splits.num_classes, min(shots, 4), rng,
-                          exclude=frozenset(train) if same_pool else frozenset())
+    val = _sample_indices(splits, "val", min(shots, 4), rng, exclude=frozenset(train) if same_pool else frozenset())
     return {"train": train, "val": val}
 
 

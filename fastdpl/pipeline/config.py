@@ -165,4 +165,25 @@ def resolve_config(args: argparse.Namespace, **overrides) -> RunConfig:
 def save_yaml(config: RunConfig, path: Path) -> None:
     import yaml
 
-    path.write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+    from ..atomic import write_text_atomic
+
+    write_text_atomic(path, yaml.safe_dump(config.to_dict(), sort_keys=False))
+
+
+# Settings that cannot change what a stage computes: they may differ when a run is resumed.
+RESUMABLE_CHANGES = {"workers", "progress", "resume", "device", "impl", "text_chunk_size", "root", "split_cache",
+                     "output", "eval_batch_size", "eval_datasets"} | {f.name for f in fields(RunConfig)
+                                                                       if f.name.startswith("tpt_")}
+# Each stage's own settings, which the other stage ignores.
+STAGE_SETTINGS = {
+    "search": {"search_epochs", "arch_lr", "arch_betas", "arch_weight_decay", "candidate_lengths", "search_towers"},
+    "train": {"train_epochs", "prompt_config", "distill_weight", "distill_temperature"},
+}
+
+
+def changed_settings(saved: dict, current: RunConfig, stage: str) -> list[str]:
+    """'name: old -> new' for every setting that differs and would change what ``stage`` computes."""
+    ignored = RESUMABLE_CHANGES | set().union(*(s for k, s in STAGE_SETTINGS.items() if k != stage))
+    now = current.to_dict()
+    return [f"{name}: {saved.get(name)!r} -> {now[name]!r}" for name in now
+            if name not in ignored and saved.get(name) != now[name]]

@@ -27,8 +27,9 @@ from ..profiling import nvtx_range
 from ..prompt import FastDPLPrompt
 from ..towers import image_parts, text_parts
 from .classifier import wrap
-from .config import RunConfig, save_yaml
+from .config import RunConfig, changed_settings, save_yaml
 from .loaders import cycle_batches, make_loader
+from .logs import RunLog, alpha_entropy
 from .runtime import (
     Dist, autocast, barrier, init_distributed, pick_device, rng_state, seed_everything, set_rng_state,
 )
@@ -123,12 +124,14 @@ class Meter:
         seen = max(sums[2].item(), 1.0)
         return {"loss": sums[0].item() / seen, "accuracy": sums[1].item() / seen}
 
-    def show(self, bar, ranks: Dist) -> None:
-        """Loss, accuracy and images/s (all ranks) on the bar, every ``refresh`` steps."""
+    def show(self, bar, ranks: Dist, loss: bool = True) -> None:
+        """Loss (training only), accuracy and images/s (all ranks) on the bar, every ``refresh``
+        steps; the values shown are always those of the batches seen so far."""
         if bar.disable or (self.steps - 1) % self.refresh:  # steps 1, 1 + refresh, ...
             return
         summary = self.summary()
-        bar.set_postfix({"loss": f"{summary['loss']:.3f}", "acc": f"{100 * summary['accuracy']:.1f}",
+        shown = {"loss": f"{summary['loss']:.3f}"} if loss else {}
+        bar.set_postfix({**shown, "acc": f"{100 * summary['accuracy']:.1f}",
                          "img/s": f"{self.seen * ranks.world / (time.perf_counter() - self.start):.1f}"})
 
 
@@ -204,6 +207,10 @@ def _start_epoch(job: Job, out: Path, dpl, optimizers: dict, scheduler) -> tuple
     if not job.cfg.resume:
         raise FileExistsError(f"{path} exists: pass --resume to continue that run, or choose another --output")
     state = torch.load(path, map_location="cpu", weights_only=False)
+    changed = changed_settings(state.get("settings", {}), job.cfg, out.name)
+    if changed:
+        raise ValueError(f"--resume: {path} was made with other settings ({'; '.join(changed)}); resume with "
+                         f"the settings in {out / 'run.yaml'}, or choose another --output")
     dpl.load_prompt_state_dict(state["prompts"])
     for name, optimizer in optimizers.items():
         optimizer.load_state_dict(state["optimizers"][name])
@@ -243,8 +250,9 @@ def run_search(cfg: RunConfig) -> dict:
     start, history = _start_epoch(job, out, dpl, optimizers, scheduler)
     train = _train_loader(job, job.splits.train, cfg.seed)
     val = _train_loader(job, job.splits.val, cfg.seed + 1)
-    if job.ranks.main:
+    if job.ranks.main and start == 0:  # a resumed run keeps the record of what made its checkpoint
         save_yaml(cfg, out / "run.yaml")
+    log = RunLog(out, "search", job.ranks.main, start)
     dpl.train()
     for epoch in range(start, cfg.search_epochs):
         train.batch_sampler.set_epoch(epoch)
@@ -258,12 +266,15 @@ def run_search(cfg: RunConfig) -> dict:
             loss, logits = _loss_step(net, prompt_opt, images, labels, job)  # prompts on training
             meter.update(loss, logits, labels.to(job.device))
             meter.show(bar, job.ranks)
+        lr = scheduler.get_last_lr()[0]  # the prompts' lr during this epoch
         scheduler.step()
-        history.append({"epoch": epoch + 1, **meter.epoch_summary(job.ranks), "alpha": alpha_snapshot(dpl)})
+        history.append({"epoch": epoch + 1, **meter.epoch_summary(job.ranks), "lr": lr,
+                        "alpha_entropy": alpha_entropy(dpl.arch_logits), "alpha": alpha_snapshot(dpl)})
         _save_checkpoint(job, out, epoch + 1, dpl, optimizers, scheduler, history)
         if job.ranks.main:
             write_text_atomic(out / "alpha_history.json", json.dumps(history))
-            _log_epoch(job, "search", history[-1])
+        log.epoch(history)
+    log.close()
     config = dpl.derive_config()
     result = {"stage": "search", "config": config.to_dict(), "history": history}
     if job.ranks.main:
@@ -277,12 +288,6 @@ def run_search(cfg: RunConfig) -> dict:
         print(f"derived configuration ({out / 'prompt_config.json'}):\n{config}")
     barrier(job.ranks)
     return result
-
-
-def _log_epoch(job: Job, stage: str, entry: dict) -> None:
-    if job.cfg.progress:
-        tqdm.write(f"{stage} epoch {entry['epoch']}: loss {entry['loss']:.4f}, "
-                   f"train acc {100 * entry['accuracy']:.1f}%")
 
 
 # ---- train --------------------------------------------------------------------------------------------
@@ -359,8 +364,9 @@ def run_train(cfg: RunConfig) -> dict:
         start, history = _start_epoch(job, out, dpl, {"prompt": optimizer}, scheduler)
         train = _train_loader(job, job.splits.train, cfg.seed)
         extra = distillation_loss(job, job.splits.classnames)
-        if job.ranks.main:
+        if job.ranks.main and start == 0:
             save_yaml(cfg, out / "run.yaml")
+        log = RunLog(out, "train", job.ranks.main, start)
         dpl.train()
         for epoch in range(start, cfg.train_epochs):
             train.batch_sampler.set_epoch(epoch)
@@ -370,11 +376,12 @@ def run_train(cfg: RunConfig) -> dict:
                 loss, logits = _loss_step(net, optimizer, images, labels, job, extra)
                 meter.update(loss, logits, labels.to(job.device))
                 meter.show(bar, job.ranks)
+            lr = scheduler.get_last_lr()[0]
             scheduler.step()
-            history.append({"epoch": epoch + 1, **meter.epoch_summary(job.ranks)})
+            history.append({"epoch": epoch + 1, **meter.epoch_summary(job.ranks), "lr": lr})
             _save_checkpoint(job, out, epoch + 1, dpl, {"prompt": optimizer}, scheduler, history)
-            if job.ranks.main:
-                _log_epoch(job, "train", history[-1])
+            log.epoch(history)
+        log.close()
     if job.ranks.main:
         save_atomic({**dpl.prompt_state_dict(), "method": method}, out / "prompts.pt")
     return _evaluate_and_write(job, dpl, out, stage="train", method=method)
@@ -390,7 +397,7 @@ def tally(job: Job, classnames, batches, desc: str) -> dict:
     for logits, labels in bar:
         logits = logits.float().cpu()
         meter.update(torch.zeros(()), logits, labels)
-        meter.show(bar, Dist())
+        meter.show(bar, Dist(), loss=False)  # evaluation has no loss: never show a stale 0.000
         hits = (logits.argmax(1) == labels).float()
         correct.index_add_(0, labels, hits)
         total.index_add_(0, labels, torch.ones_like(hits))
@@ -422,6 +429,15 @@ def _evaluate_and_write(job: Job, dpl: FastDPLPrompt, out: Path, stage: str, met
     ``evaluate(job, dpl, samples, dataset, desc) -> accuracy dict`` (default: ``accuracy``; TPT passes its own)."""
     evaluate = evaluate or accuracy
     cfg = job.cfg
+    saved = out / "results.json"
+    if saved.is_file():  # never overwrite an earlier result silently
+        if not cfg.resume:
+            raise FileExistsError(f"{saved} exists (an earlier {stage} result): pass --resume to keep it, "
+                                  "or choose another --output")
+        result = json.loads(saved.read_text())
+        if job.ranks.main:
+            print(f"kept {saved} (--resume)\n{results_table(result)}")
+        return result
     result = {"stage": stage, "method": method, "dataset": cfg.dataset, "shots": cfg.shots, "seed": cfg.seed,
               "model": cfg.model, "pretrained": cfg.pretrained, "subsample": cfg.subsample, **(extra or {}),
               "results": {}}
