@@ -30,7 +30,8 @@ setup(
         "matplotlib>=3.7",
     ],
     extras_require={
-        "test": ["pytest>=8", "pytest-benchmark>=4"],
+        "test": ["pytest>=8", "pytest-benchmark>=4", "tensorboard>=2.14"],
+        "tensorboard": ["tensorboard>=2.14"],  # TensorBoard events beside each stage's metrics.jsonl
     },
     entry_points={"console_scripts": ["fastdpl=fastdpl.cli:main"]},
 )

@@ -4,6 +4,7 @@
     fastdpl zeroshot|search|train|eval|tpt [--config run.yaml] [--dataset NAME --root DIR ...]
     fastdpl report RUN_DIRS... --out results/summary
     fastdpl check-data --dataset NAME --root DIR
+    fastdpl datasets                  the datasets and the folders they need
     fastdpl bench [op|step] [options]  benchmarks
 
 Every setting of the stages is a flag (``fastdpl search --help``); defaults are
@@ -25,8 +26,8 @@ def _stage_parsers(sub) -> None:
              "eval": "evaluate saved prompts (cross-dataset, domain shift, base/new)",
              "tpt": "test-time prompt tuning on the test sets (zero-shot context, or --prompts of a trained config)"}
     for stage in STAGES:
-        parser = sub.add_parser(stage, help=helps[stage])
-        add_config_arguments(parser)
+        parser = sub.add_parser(stage, help=helps[stage], description=helps[stage])
+        add_config_arguments(parser, stage)
         if stage in ("eval", "tpt"):
             default = ("<output>/train/prompts.pt" if stage == "eval"
                        else "none: zero-shot CLIP with a learnable context")
@@ -37,6 +38,7 @@ def _stage_parsers(sub) -> None:
     report = sub.add_parser("report", help="mean ± 95%% CI tables over many runs (markdown and CSV)")
     report.add_argument("runs", nargs="+", help="run folders or results.json files")
     report.add_argument("--out", default="report", help="output path without suffix (writes .md and .csv)")
+    sub.add_parser("datasets", help="list the datasets and the folders they need under --root")
     check = sub.add_parser("check-data", help="validate a dataset root")
     check.add_argument("--dataset", required=True)
     check.add_argument("--root")
@@ -46,7 +48,10 @@ def _stage_parsers(sub) -> None:
 
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    from . import __version__
+
     parser = argparse.ArgumentParser(prog="fastdpl", description="Fast Differentiable Prompt Learning for CLIP")
+    parser.add_argument("--version", action="version", version=f"fastdpl {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     bench = sub.add_parser("bench", help="benchmarks (fastdpl bench op --help, fastdpl bench step --help)",
                            add_help=False)
@@ -83,6 +88,12 @@ def _run(args) -> int:
         from .pipeline.config import resolve_config
 
         cfg = resolve_config(args)
+        if args.dry_run:
+            import yaml
+
+            print(f"# fastdpl {args.command}: resolved settings (defaults, then --config, then flags)")
+            print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="")
+            return 0
         if args.command in ("eval", "tpt"):
             getattr(stages, f"run_{args.command}")(cfg, prompts=args.prompts)
         else:
@@ -92,6 +103,11 @@ def _run(args) -> int:
         from .pipeline.demo import demo_config, run_demo
 
         run_demo(demo_config(output=args.output, progress=not args.no_progress))
+        return 0
+    if args.command == "datasets":
+        from .data.datasets import dataset_table
+
+        print(dataset_table())
         return 0
     if args.command == "report":
         from .pipeline.report import report

@@ -69,24 +69,22 @@ def forward_tiles(n: int, head_dim: int, is_fp32: bool, causal: bool) -> Tiles:
     if n <= 16:
         return Tiles(16, 16, 4, 2)
     if n <= 32:
-        return Tiles(32, 32, 4, 2)
-    if n <= 64 and not wide:
-        return Tiles(64, 64, 4, 1)
-    return Tiles(64, 64, 8, 2) if wide else Tiles(128, 64, 8, 2)
+        return Tiles(32, 32, 8, 2)
+    if n <= 64 or wide:
+        return Tiles(64, 64, 8, 2)
+    return Tiles(128, 64, 8, 2)
 
 
 def kv_tiles(n: int, head_dim: int, is_fp32: bool, causal: bool) -> Tiles:
     """block_m: query rows per step; block_n: keys per program."""
     wide = head_dim > 64
     if is_fp32:
-        if wide or n <= 16:
-            return Tiles(16, 16, 8, 2)
-        return Tiles(16, 32, 8, 2) if n <= 32 else Tiles(32, 64, 8, 2)
+        return Tiles(16, 16, 8, 2) if wide or head_dim <= 16 or n <= 16 else Tiles(16, 32, 8, 2)
     if n <= 16:
         return Tiles(16, 16, 4, 2)
     if n <= 32 or wide:
         return Tiles(32, 32, 4, 2)
-    return Tiles(64, 64, 4, 1) if n <= 64 else Tiles(64, 64, 8, 2)
+    return Tiles(64, 64, 8, 2)
 
 
 def q_tiles(n: int, head_dim: int, is_fp32: bool, causal: bool) -> Tiles:

@@ -344,15 +344,55 @@ def test_report_mean_and_95_ci(tmp_path):
     sd = 100 * torch.tensor(values["dpl"], dtype=torch.float64).std().item()
     half = t.ppf(0.975, 2) * sd / math.sqrt(3)
     assert f"{mean:.2f} ± {half:.2f}" in md.read_text()
-    assert "| train | zero_shot | dtd | 16 | 1 | 60.00 |" in md.read_text()
+    assert "| train | zero_shot | - | - | dtd | 16 | all | dtd | 1 | 60.00 |" in md.read_text()
     rows = csv_path.read_text().splitlines()
-    assert rows[0].startswith("stage,method,dataset,shots,subsample,runs,top1,top1_ci95")
-    assert any(r.startswith("train,dpl,dtd,16,all,3,") for r in rows)
+    assert rows[0].startswith("stage,method,model,pretrained,dataset,shots,subsample,evaluated_on,runs,top1,top1_ci95")
+    assert any(r.startswith("train,dpl,,,dtd,16,all,dtd,3,") for r in rows)
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="no results.json"):
         report([tmp_path / "empty"], tmp_path / "x")
     with pytest.raises(FileNotFoundError, match="no such file or folder"):
         report([tmp_path / "nowhere"], tmp_path / "x")
+
+
+def test_report_groups_by_experiment_refuses_duplicates_and_carries_every_result(tmp_path):
+    from fastdpl.pipeline.report import aggregate, find_results
+
+    def write(folder, seed, top1, model="ViT-B-16", lr=0.002, cross=None):
+        run = tmp_path / folder
+        run.mkdir(parents=True)
+        results = {"dtd": {"top1": top1}, **({"imagenet_v2": {"top1": cross}} if cross is not None else {})}
+        (run / "results.json").write_text(json.dumps(
+            {"stage": "train", "method": "dpl", "dataset": "dtd", "shots": 16, "seed": seed, "model": model,
+             "pretrained": "openai", "subsample": "all", "own": "dtd", "top1": top1, "results": results,
+             "settings": {"lr": lr, "model": model, "workers": seed}}))  # workers never splits a group
+        return run
+
+    for seed in (1, 2):
+        write(f"b16/seed{seed}", seed, 0.7 + seed / 100, cross=0.5)
+        write(f"b32/seed{seed}", seed, 0.6, model="ViT-B-32")
+        write(f"lr/seed{seed}", seed, 0.65, lr=0.01)
+    rows = aggregate(find_results([tmp_path]))
+    by = {(r["model"], r["differs"], r["evaluated_on"]): r for r in rows}
+    assert len(rows) == 4 and all(r["runs"] == 2 for r in rows)
+    assert by[("ViT-B-16", "lr=0.002", "imagenet_v2")]["top1"] == pytest.approx(50.0)  # cross-dataset row
+    assert by[("ViT-B-16", "lr=0.002", "dtd")]["top1"] == pytest.approx(71.5)
+    assert by[("ViT-B-16", "lr=0.01", "dtd")]["top1"] == pytest.approx(65.0)  # another lr: another group
+    assert by[("ViT-B-32", "lr=0.002", "dtd")]["top1"] == pytest.approx(60.0)
+    copied = tmp_path / "b16" / "copy-of-seed1"
+    copied.mkdir()
+    (copied / "results.json").write_text((tmp_path / "b16" / "seed1" / "results.json").read_text())
+    with pytest.raises(ValueError, match=r"^report: .*b16/(copy-of-)?seed1/results\.json and .*b16/(copy-of-)?seed1/"
+                                         r"results\.json are the same experiment with the same seed 1 "):
+        aggregate(find_results([tmp_path]))
+
+
+def test_eval_describes_prompts_by_the_run_that_trained_them(tmp_path):
+    """Evaluating 4-shot prompts without --shots reports 4 shots (and the training seed)."""
+    stages.run_train(quick(tmp_path, shots=4, seed=3, prompt_config="uniform:1:2", train_epochs=1))
+    result = stages.run_eval(quick(tmp_path, shots=16, seed=1))
+    assert (result["shots"], result["seed"]) == (4, 3)
+    assert result["trained"]["prompt_config"] == "uniform:1:2" and result["settings"]["shots"] == 16
 
 
 # ---- model loading ----------------------------------------------------------------------------------------
@@ -528,3 +568,31 @@ def _umask():
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+def test_cli_help_version_datasets_and_dry_run(tmp_path):
+    """Each stage's --help shows its own settings, each described with its allowed values;
+    --version; `fastdpl datasets`; --dry-run prints the resolved settings and runs nothing."""
+    def cli(*args):
+        return subprocess.run([sys.executable, "-m", "fastdpl.cli", *args], capture_output=True, text=True,
+                              cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=120)
+
+    zeroshot, search = cli("zeroshot", "--help").stdout, cli("search", "--help").stdout
+    assert "--arch-lr" in search and "Adam learning rate of alpha" in search
+    assert "--arch-lr" not in zeroshot and "--tpt-views" not in zeroshot and "--train-epochs" not in zeroshot
+    assert "fp32, or bf16 autocast (fp32|bf16); default: 'fp32'" in " ".join(search.split())
+    assert "--tpt-views" in cli("tpt", "--help").stdout
+    refused = cli("zeroshot", "--arch-lr", "0.1")
+    assert refused.returncode == 2 and "unrecognized arguments: --arch-lr" in refused.stderr
+    from fastdpl import __version__
+
+    assert cli("--version").stdout.strip() == f"fastdpl {__version__}"
+    listed = cli("datasets").stdout
+    assert "dtd" in listed and "split_zhou_DescribableTextures.json" in listed and "imagenet_r" in listed
+    dry = cli("train", "--dry-run", "--shots", "4", "--resume", "--output", str(tmp_path / "x"))
+    assert dry.returncode == 0, dry.stderr
+    import yaml
+
+    settings = yaml.safe_load(dry.stdout)
+    assert settings["shots"] == 4 and settings["resume"] is True and settings["train_epochs"] == 40
+    assert not (tmp_path / "x").exists()

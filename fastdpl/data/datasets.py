@@ -90,6 +90,24 @@ ALIASES = {"caltech": "caltech101", "pets": "oxford_pets", "oxfordpets": "oxford
 DATASETS = tuple(SPLIT_JSON) + ("fgvc_aircraft", "imagenet") + tuple(IMAGENET_VARIANTS)
 
 
+def dataset_table() -> str:
+    """Every --dataset value and what it needs under --root (from the readers' own layouts)."""
+    rows = [(name, f"{layout.folder}/", f"{layout.split_file}, the images it lists under {layout.image_dir or '.'}/")
+            for name, layout in SPLIT_JSON.items()]
+    rows.append(("fgvc_aircraft", "fgvc_aircraft/", "images/, variants.txt, images_variant_{train,val,test}.txt"))
+    rows.append(("imagenet", "imagenet/", "images/train/<wnid>/, images/val/<wnid>/, classnames.txt"))
+    for name, (folder, images, layout) in IMAGENET_VARIANTS.items():
+        inner = "0..999/" if layout == "index" else "<wnid>/"
+        rows.append((name, f"{folder}/", f"{images}/{inner}, classnames.txt"))
+    rows += [("builtin:digits", "(none)", "scikit-learn's handwritten digits, shipped: runs offline"),
+             ("folder:PATH", "(PATH)", "one sub-folder of images per class, or train/ val/ test/ folders of them"),
+             ("json:PATH", "(PATH)", "a CoOp split file; image paths relative to its folder")]
+    width = max(len(r[0]) for r in rows), max(len(r[1]) for r in rows)
+    lines = [f"{'--dataset':<{width[0]}}  {'folder under --root':<{width[1]}}  needs", "-" * (sum(width) + 40)]
+    lines += [f"{a:<{width[0]}}  {b:<{width[1]}}  {c}" for a, b, c in rows]
+    return "\n".join(lines)
+
+
 def canonical_name(name: str) -> str:
     key = name.strip().lower().replace(" ", "_")
     key = ALIASES.get(key, key)

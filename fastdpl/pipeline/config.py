@@ -124,18 +124,85 @@ def _number(text: str):
     return text
 
 
-def add_config_arguments(parser: argparse.ArgumentParser) -> None:
+_EVAL = ("zeroshot", "search", "train", "eval", "tpt")  # every stage
+_TRAINING = ("search", "train")
+# name: (group, stages that use it, one-line description, allowed values or None)
+SETTINGS = {
+    "dataset": ("data", _EVAL, "dataset name (`fastdpl datasets`), folder:PATH or json:PATH", None),
+    "root": ("data", _EVAL, "folder holding one folder per dataset", None),
+    "shots": ("data", _EVAL, "training images per class (validation: min(shots, 4)); none: all", None),
+    "seed": ("data", _EVAL, "seed of the few-shot draw, the prompts' init and every augmentation", None),
+    "subsample": ("data", _EVAL, "classes to train and evaluate on (base-to-new protocol)", ("all", "base", "new")),
+    "split_cache": ("data", _EVAL, "folder for the cached few-shot draws (default: <output>/../splits)", None),
+    "workers": ("data", _EVAL, "DataLoader worker processes (does not change results)", None),
+    "crop_scale": ("data", _TRAINING, "random resized crop scale range, as LOW,HIGH (training)", None),
+    "flip": ("data", _TRAINING, "random horizontal flips (training)", ("true", "false")),
+    "model": ("model", _EVAL, "open_clip model name, a local checkpoint, or tiny (the built-in CLIP)", None),
+    "pretrained": ("model", _EVAL, "open_clip pretrained tag or file; none: random weights", None),
+    "template": ("model", _EVAL, "class-name template of the text input", None),
+    "impl": ("model", _EVAL, "attention engine (does not change results beyond rounding)",
+             ("auto", "eager", "triton", "reference")),
+    "device": ("model", _EVAL, "device (auto: cuda when available)", None),
+    "precision": ("model", _EVAL, "fp32, or bf16 autocast", PRECISIONS),
+    "text_chunk_size": ("model", _EVAL, "encode the class texts in checkpointed chunks of this many classes", None),
+    "candidate_lengths": ("search", ("search",), "prompt lengths every block chooses from, as 0,1,2,...", None),
+    "search_towers": ("search", ("search",), "towers whose blocks are searched, as image,text", None),
+    "search_epochs": ("search", ("search",), "epochs of the search stage", None),
+    "arch_lr": ("search", ("search",), "Adam learning rate of alpha", None),
+    "arch_betas": ("search", ("search",), "Adam betas of alpha, as B1,B2", None),
+    "arch_weight_decay": ("search", ("search",), "weight decay of alpha", None),
+    "init": ("search", _TRAINING, "prompt initialisation", ("normal", "paper")),
+    "batch_size": ("training", _TRAINING, "images per step per process", None),
+    "lr": ("training", _TRAINING, "SGD learning rate of the prompts (cosine schedule)", None),
+    "momentum": ("training", _TRAINING, "SGD momentum", None),
+    "weight_decay": ("training", _TRAINING, "SGD weight decay", None),
+    "grad_clip": ("training", _TRAINING, "max gradient norm per step; none: no clipping (the paper's)", None),
+    "warmup_epochs": ("training", _TRAINING, "epochs at the constant warm-up learning rate", None),
+    "warmup_lr": ("training", _TRAINING, "warm-up learning rate", None),
+    "train_epochs": ("training", ("train",), "epochs of the train stage", None),
+    "prompt_config": ("training", ("train",), "configuration: a PromptConfig JSON, zero_shot or uniform:LENGTH:DEPTH "
+                      "(default: the search stage's)", None),
+    "distill_weight": ("training", ("train",), "weight of the KL term towards zero-shot CLIP (0: off)", None),
+    "distill_temperature": ("training", ("train",), "temperature of the distillation term", None),
+    "eval_batch_size": ("evaluation", _EVAL, "images per evaluation batch", None),
+    "eval_datasets": ("evaluation", _EVAL, "more test sets (cross-dataset, domain shift), as a,b,c", None),
+    "tpt_views": ("tpt", ("tpt",), "views per test image (the original and augmented ones)", None),
+    "tpt_keep": ("tpt", ("tpt",), "share of lowest-entropy views in the loss", None),
+    "tpt_lr": ("tpt", ("tpt",), "AdamW learning rate of the test-time step", None),
+    "tpt_steps": ("tpt", ("tpt",), "test-time steps per image", None),
+    "tpt_tune": ("tpt", ("tpt",), "what is tuned", ("auto", "context", "text_prompts")),
+    "tpt_context": ("tpt", ("tpt",), "words that initialise the learnable context", None),
+    "tpt_augmix": ("tpt", ("tpt",), "AugMix views (auto: for the fine-grained sets)", ("auto", "true", "false")),
+    "tpt_group": ("tpt", ("tpt",), "test images tuned together as independent prompts", None),
+    "output": ("bookkeeping", _EVAL, "run folder (each stage writes its own subfolder)", None),
+    "resume": ("bookkeeping", _EVAL, "continue from the run's checkpoint / keep its results (a bare flag: true)",
+               ("true", "false")),
+    "progress": ("bookkeeping", _EVAL, "progress bars (per-epoch lines print either way)", ("true", "false")),
+}
+assert set(SETTINGS) == {f.name for f in fields(RunConfig)}, "every setting needs a SETTINGS entry"
+
+
+def add_config_arguments(parser: argparse.ArgumentParser, stage: str | None = None) -> None:
+    """The stage's own settings as flags (all settings for ``stage=None``), grouped, each with its
+    description, allowed values and default. A YAML file may still hold any known setting."""
     parser.add_argument("--config", help="YAML file of settings (the command line overrides it)")
-    group = parser.add_argument_group("settings (defaults: the paper's)")
+    parser.add_argument("--dry-run", action="store_true", help="print the resolved settings as YAML and exit")
     defaults = RunConfig()
+    groups = {}
     for f in fields(RunConfig):
+        group, stages, text, allowed = SETTINGS[f.name]
+        if stage is not None and stage not in stages:
+            continue
+        if group not in groups:
+            groups[group] = parser.add_argument_group(f"{group} settings")
         flag = "--" + f.name.replace("_", "-")
         # A bool setting given without a value means true (``--resume`` = ``--resume true``).
         is_bool = _HINTS[f.name] is bool
-        group.add_argument(flag, dest=f.name, default=argparse.SUPPRESS, metavar=f.name.upper(),
-                           type=lambda text, name=f.name: _parse_value(name, text),
-                           nargs="?" if is_bool else None, const=True if is_bool else None,
-                           help=f"default: {getattr(defaults, f.name)!r}")
+        choices = f" ({'|'.join(allowed)})" if allowed else ""
+        groups[group].add_argument(flag, dest=f.name, default=argparse.SUPPRESS, metavar=f.name.upper(),
+                                   type=lambda text, name=f.name: _parse_value(name, text),
+                                   nargs="?" if is_bool else None, const=True if is_bool else None,
+                                   help=f"{text}{choices}; default: {getattr(defaults, f.name)!r}")
 
 
 def load_yaml(path: str | Path) -> dict:

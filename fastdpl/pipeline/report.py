@@ -1,8 +1,13 @@
 """Aggregate many runs' results.json into mean +- 95% confidence-interval tables (markdown and CSV).
 
-Runs are grouped by (stage, method, dataset, shots, subsample); the seeds of a
-group are the samples. The interval is mean +- t_{0.975, n-1} * s / sqrt(n)
-(Student's t; no interval for a single run).
+Runs are grouped by everything that defines an experiment: stage, method, the
+dataset, shots and classes the prompts were trained on, backbone and weights,
+and every other setting that can change a result (``experiment``); the seeds
+of a group are its samples, and two results of one experiment with the same
+seed (a copied run folder) are refused. Every evaluated test set is a row: the
+own test set (with base, new and harmonic mean for base-to-new) and each
+cross-dataset or domain-shift set. The interval is mean +- t_{0.975, n-1} * s /
+sqrt(n) (Student's t; no interval for a single run).
 """
 from __future__ import annotations
 
@@ -14,6 +19,10 @@ from collections import defaultdict
 from pathlib import Path
 
 METRICS = ("top1", "base", "new", "hm")
+# Settings that never change a result (or are the sample index: the seed).
+NOT_DEFINING = {"seed", "output", "resume", "progress", "workers", "device", "impl", "text_chunk_size", "root",
+                "split_cache", "eval_batch_size", "eval_datasets"}
+SHOWN = ("stage", "method", "model", "pretrained", "dataset", "shots", "subsample")
 
 
 def find_results(paths) -> list[dict]:
@@ -32,6 +41,22 @@ def find_results(paths) -> list[dict]:
     return found
 
 
+def experiment(result: dict) -> dict:
+    """What defines the experiment of a result (everything but the seed): the shown fields, then
+    the settings of the run that produced the prompts (``trained``, else the run's own)."""
+    settings = result.get("trained") or result.get("settings") or {}
+    own = result.get("settings") or {}
+    defining = {k: v for k, v in settings.items() if k not in NOT_DEFINING and not k.startswith("tpt_")}
+    if result["stage"] == "tpt":  # how the test-time step ran defines a TPT experiment too
+        defining.update({k: v for k, v in own.items() if k.startswith("tpt_")})
+    shown = {k: result.get(k, "all" if k == "subsample" else None) for k in SHOWN}
+    return {**defining, **shown, "own": result.get("own")}
+
+
+def _key(exp: dict) -> str:
+    return json.dumps(exp, sort_keys=True, default=str)
+
+
 def mean_ci(values: list[float]) -> tuple[float, float]:
     """(mean, half-width of the 95% t interval); the half-width is nan for a single value."""
     n = len(values)
@@ -47,17 +72,41 @@ def mean_ci(values: list[float]) -> tuple[float, float]:
 def aggregate(results: list[dict]) -> list[dict]:
     groups = defaultdict(list)
     for r in results:
-        groups[(r["stage"], r["method"], r["dataset"], r.get("shots"), r.get("subsample", "all"))].append(r)
+        groups[_key(experiment(r))].append(r)
+    experiments = {k: json.loads(k) for k in groups}
+    # Settings that tell apart groups the shown columns do not.
+    varying = sorted({name for e in experiments.values() for name in e if name not in SHOWN
+                      and len({json.dumps(x.get(name), sort_keys=True) for x in experiments.values()}) > 1})
     rows = []
-    for (stage, method, dataset, shots, subsample), runs in sorted(groups.items(), key=lambda kv: str(kv[0])):
-        row = {"stage": stage, "method": method, "dataset": dataset, "shots": shots, "subsample": subsample,
-               "runs": len(runs), "seeds": sorted({r.get("seed") for r in runs})}
-        for metric in METRICS:
-            values = [100 * r[metric] for r in runs if metric in r]
-            if values:
-                row[metric], row[f"{metric}_ci95"] = mean_ci(values)
-        rows.append(row)
+    for key, runs in sorted(groups.items()):
+        files_by_seed = defaultdict(list)
+        for r in runs:
+            files_by_seed[r.get("seed")].append(r["_file"])
+        for seed, files in files_by_seed.items():
+            if len(files) > 1:
+                raise ValueError(f"report: {' and '.join(files)} are the same experiment with the same seed {seed} "
+                                 "(a copied run folder?): keep one of them")
+        exp = experiments[key]
+        base = {**{k: exp[k] for k in SHOWN}, "runs": len(runs), "seeds": sorted(files_by_seed, key=str),
+                "differs": ", ".join(f"{name}={exp.get(name)}" for name in varying)}
+        # The own test set first (named as the stages name it), then every other evaluated set.
+        own = runs[0].get("own") or (exp["dataset"] if exp["subsample"] == "all"
+                                     else f"{exp['dataset']}[{exp['subsample']}]")
+        names = sorted({n for r in runs for n in r.get("results", {})} | {own}, key=lambda n: (n != own, n))
+        rows += [{**base, "evaluated_on": name, **_metrics(runs, name, own)} for name in names]
     return rows
+
+
+def _metrics(runs: list[dict], name: str, own: str) -> dict:
+    row = {}
+    for metric in METRICS:
+        source = (lambda r: r) if name == own else (lambda r: r.get("results", {}).get(name, {}))
+        values = [100 * source(r)[metric] for r in runs if metric in source(r)]
+        if values:
+            row[metric], row[f"{metric}_ci95"] = mean_ci(values)
+            if metric == "top1":
+                row["runs"] = len(values)
+    return row
 
 
 def _cell(row, metric):
@@ -67,20 +116,24 @@ def _cell(row, metric):
     return f"{row[metric]:.2f}" if math.isnan(ci) else f"{row[metric]:.2f} ± {ci:.2f}"
 
 
+COLUMNS = ("stage", "method", "model", "pretrained", "dataset", "shots", "subsample", "evaluated_on", "runs")
+
+
 def to_markdown(rows) -> str:
     metrics = [m for m in METRICS if any(m in r for r in rows)]
-    head = ["stage", "method", "dataset", "shots", "runs"] + metrics
+    extra = ["differs"] if any(r["differs"] for r in rows) else []
+    head = ["stage", "method", "model", "pretrained", "trained on", "shots", "classes", "evaluated on", "runs"] + \
+        metrics + extra
     lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
     for r in rows:
-        cells = [r["stage"], r["method"], r["dataset"], str(r["shots"]), str(r["runs"])]
-        lines.append("| " + " | ".join(cells + [_cell(r, m) for m in metrics]) + " |")
+        cells = ["-" if r[c] is None else str(r[c]) for c in COLUMNS]
+        lines.append("| " + " | ".join(cells + [_cell(r, m) for m in metrics] + [r[e] for e in extra]) + " |")
     return "\n".join(lines)
 
 
 def to_csv(rows) -> str:
     metrics = [m for m in METRICS if any(m in r for r in rows)]
-    fields = ["stage", "method", "dataset", "shots", "subsample", "runs"] + \
-        [f for m in metrics for f in (m, f"{m}_ci95")]
+    fields = list(COLUMNS) + [f for m in metrics for f in (m, f"{m}_ci95")] + ["differs"]
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=fields, extrasaction="ignore")
     writer.writeheader()

@@ -282,7 +282,8 @@ def run_search(cfg: RunConfig) -> dict:
 
         config.save(out / "prompt_config.json")
         # the supernet, for `fastdpl eval --prompts`; "method" names it in eval results and reports
-        save_atomic({**dpl.prompt_state_dict(), "method": "dpl-supernet"}, out / "prompts.pt")
+        save_atomic({**dpl.prompt_state_dict(), "method": "dpl-supernet", "settings": cfg.to_dict()},
+                    out / "prompts.pt")
         plot_alpha_heatmap(dpl, out / "alpha_heatmap.png")
         plot_alpha_evolution(history, dpl.candidate_lengths, out / "alpha_evolution.png")
         print(f"derived configuration ({out / 'prompt_config.json'}):\n{config}")
@@ -383,7 +384,7 @@ def run_train(cfg: RunConfig) -> dict:
             log.epoch(history)
         log.close()
     if job.ranks.main:
-        save_atomic({**dpl.prompt_state_dict(), "method": method}, out / "prompts.pt")
+        save_atomic({**dpl.prompt_state_dict(), "method": method, "settings": cfg.to_dict()}, out / "prompts.pt")
     return _evaluate_and_write(job, dpl, out, stage="train", method=method)
 
 
@@ -438,14 +439,19 @@ def _evaluate_and_write(job: Job, dpl: FastDPLPrompt, out: Path, stage: str, met
         if job.ranks.main:
             print(f"kept {saved} (--resume)\n{results_table(result)}")
         return result
-    result = {"stage": stage, "method": method, "dataset": cfg.dataset, "shots": cfg.shots, "seed": cfg.seed,
-              "model": cfg.model, "pretrained": cfg.pretrained, "subsample": cfg.subsample, **(extra or {}),
+    # Evaluated prompts describe themselves by the run that trained them (``trained``), not by
+    # this command's flags: eval of 4-shot prompts is reported as 4-shot whatever --shots says here.
+    trained = (extra or {}).get("trained") or {}
+    described = {key: trained.get(key, getattr(cfg, key))
+                 for key in ("dataset", "shots", "seed", "model", "pretrained", "subsample")}
+    result = {"stage": stage, "method": method, **described, **(extra or {}), "settings": cfg.to_dict(),
               "results": {}}
     if not job.ranks.main:
         barrier(job.ranks)
         return result
     state = dpl.prompt_state_dict()
     own = cfg.dataset if cfg.subsample == "all" else f"{cfg.dataset}[{cfg.subsample}]"
+    result["own"] = own  # which entry of "results" is this run's own test set
     result["results"][own] = evaluate(job, dpl, job.splits.test, cfg.dataset, desc=f"test {own}")
     if cfg.subsample == "base":  # base-to-new: the prompts learned on base classes, applied to the new ones
         new = subsample_classes(load_dataset(cfg.dataset, cfg.root), "new")
@@ -492,14 +498,28 @@ def _load_prompted(job: Job, prompts: str | None):
         FastDPLPrompt(job.model, job.splits.classnames, mode="search", candidate_lengths=state["candidate_lengths"],
                       towers=state["towers"], template=job.cfg.template, impl=job.cfg.impl)
     dpl.load_prompt_state_dict(state)
-    return dpl, state.get("method", "prompts"), str(path)  # the method label is the same for every seed
+    # the method label is the same for every seed; the training settings describe the experiment
+    return dpl, state.get("method", "prompts"), str(path), _training_settings(state, path)
+
+
+def _training_settings(state: dict, path: Path) -> dict:
+    """The settings of the run that produced a prompts file: saved inside it, else its run.yaml."""
+    if state.get("settings"):
+        return state["settings"]
+    record = path.parent / "run.yaml"
+    if record.is_file():
+        import yaml
+
+        return yaml.safe_load(record.read_text()) or {}
+    return {}
 
 
 def run_eval(cfg: RunConfig, prompts: str | None = None, stage: str = "eval") -> dict:
     """Evaluate saved prompts (default: the train stage's) on the test set and --eval-datasets."""
     job = prepare(cfg)
-    dpl, method, path = _load_prompted(job, prompts)
-    return _evaluate_and_write(job, dpl, job.out(stage), stage=stage, method=method, extra={"prompts": path})
+    dpl, method, path, trained = _load_prompted(job, prompts)
+    return _evaluate_and_write(job, dpl, job.out(stage), stage=stage, method=method,
+                               extra={"prompts": path, "trained": trained})
 
 
 def run_zeroshot(cfg: RunConfig) -> dict:
@@ -552,12 +572,12 @@ def run_tpt(cfg: RunConfig, prompts: str | None = None) -> dict:
     """TPT on the test sets: zero-shot CLIP with a learnable context, or saved fixed-mode DPL prompts."""
     job = prepare(cfg)
     if prompts:
-        dpl, method, path = _load_prompted(job, prompts)
+        dpl, method, path, trained = _load_prompted(job, prompts)
         if dpl.mode != "fixed":
             raise ValueError(f"tpt needs fixed-mode prompts (a train stage's prompts.pt), got {dpl.mode} mode")
     else:
         blocks = block_counts(job.model)
-        dpl, method, path = build_dpl(job, job.splits.classnames, "fixed", PromptConfig.zero_shot(blocks)), \
-            "zero_shot", None
+        dpl, method, path, trained = build_dpl(job, job.splits.classnames, "fixed", PromptConfig.zero_shot(blocks)), \
+            "zero_shot", None, {}
     return _evaluate_and_write(job, dpl, job.out("tpt"), stage="tpt", method=f"tpt+{method}", evaluate=tpt_accuracy,
-                               extra={"prompts": path})
+                               extra={"prompts": path, "trained": trained})
