@@ -165,7 +165,7 @@ def test_base_new_subsampling(num_classes):
         assert sorted(s.image for s in part.test) == sorted(s.image for s in test
                                                              if offset <= s.label < offset + part.num_classes)
     assert subsample_classes(splits, "all") is splits
-    with pytest.raises(ValueError, match="subsample"):
+    with pytest.raises(ValueError, match=r"^subsample must be one of \('all', 'base', 'new'\), got 'middle'$"):
         subsample_classes(splits, "middle")
 
 

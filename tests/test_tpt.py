@@ -42,7 +42,7 @@ def test_ties_single_view_and_extreme_logits():
     # Very confident views that disagree: the mean is 50/50, entropy log 2, no underflow to nan.
     extreme = torch.tensor([[1e4, -1e4], [-1e4, 1e4]])
     assert average_entropy(extreme).item() == pytest.approx(torch.log(torch.tensor(2.0)).item(), rel=1e-6)
-    with pytest.raises(ValueError, match="keep_fraction"):
+    with pytest.raises(ValueError, match=r"^keep_fraction must be in \(0, 1\], got 0\.0$"):
         confident_views(tied, 0.0)
 
 
@@ -163,6 +163,9 @@ def test_tpt_stage_on_a_small_folder_dataset(tmp_path):
     stages.run_train(demo_config(**common, prompt_config="uniform:2:2"))
     tuned = stages.run_tpt(demo_config(**common), prompts=str(tmp_path / "run" / "train" / "prompts.pt"))
     assert tuned["method"] == "tpt+uniform:2:2"
+    # Each evaluation keeps its own file: the zero-shot TPT result is still there, unchanged.
+    assert json.loads((tmp_path / "run" / "tpt" / "results-tpt_uniform_2_2.json").read_text()) == tuned
+    assert json.loads((tmp_path / "run" / "tpt" / "results.json").read_text()) == saved
 
 
 def test_tpt_views_use_augmix_for_fine_grained_sets_only(tmp_path, monkeypatch):

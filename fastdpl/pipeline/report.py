@@ -30,14 +30,14 @@ def find_results(paths) -> list[dict]:
     for path in map(Path, paths):
         if not path.exists():
             raise FileNotFoundError(f"report: no such file or folder {path}")
-        files = [path] if path.is_file() else sorted(path.rglob("results.json"))
+        files = [path] if path.is_file() else sorted(path.rglob("results*.json"))
         for file in files:
             try:
                 found.append({**json.loads(file.read_text()), "_file": str(file)})
             except json.JSONDecodeError as exc:
                 raise ValueError(f"report: {file} is not valid JSON: {exc}") from exc
     if not found:
-        raise FileNotFoundError(f"report: no results.json under {', '.join(map(str, paths))}")
+        raise FileNotFoundError(f"report: no results.json (or results-*.json) under {', '.join(map(str, paths))}")
     return found
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -423,22 +424,34 @@ def harmonic_mean(base: float, new: float) -> float:
     return 0.0 if base + new == 0 else 2 * base * new / (base + new)
 
 
+def results_path(out: Path, method: str, prompts: str | None, default_prompts: str | None = None) -> Path:
+    """``results.json`` for the stage's own subject (zero-shot CLIP, the train stage's prompts);
+    ``results-<method>.json`` for prompts named by --prompts, so each evaluation keeps its file."""
+    if prompts is None or prompts == default_prompts:
+        return out / "results.json"
+    return out / f"results-{re.sub(r'[^A-Za-z0-9.]+', '_', method).strip('_')}.json"
+
+
 def _evaluate_and_write(job: Job, dpl: FastDPLPrompt, out: Path, stage: str, method: str, evaluate=None,
-                        extra: dict | None = None) -> dict:
+                        extra: dict | None = None, default_prompts: str | None = None) -> dict:
     """Own test set (base and new with --subsample base), then every --eval-datasets entry.
 
     ``evaluate(job, dpl, samples, dataset, desc) -> accuracy dict`` (default: ``accuracy``; TPT passes its own)."""
     evaluate = evaluate or accuracy
     cfg = job.cfg
-    saved = out / "results.json"
+    prompts = (extra or {}).get("prompts")
+    saved = results_path(out, method, prompts, default_prompts)
     if saved.is_file():  # never overwrite an earlier result silently
+        earlier = json.loads(saved.read_text())
         if not cfg.resume:
             raise FileExistsError(f"{saved} exists (an earlier {stage} result): pass --resume to keep it, "
                                   "or choose another --output")
-        result = json.loads(saved.read_text())
+        if (earlier.get("method"), earlier.get("prompts")) != (method, prompts):
+            raise FileExistsError(f"{saved} holds another evaluation ({earlier.get('method')}, prompts "
+                                  f"{earlier.get('prompts')}): choose another --output")
         if job.ranks.main:
-            print(f"kept {saved} (--resume)\n{results_table(result)}")
-        return result
+            print(f"kept {saved} (--resume)\n{results_table(earlier)}")
+        return earlier
     # Evaluated prompts describe themselves by the run that trained them (``trained``), not by
     # this command's flags: eval of 4-shot prompts is reported as 4-shot whatever --shots says here.
     trained = (extra or {}).get("trained") or {}
@@ -465,7 +478,7 @@ def _evaluate_and_write(job: Job, dpl: FastDPLPrompt, out: Path, stage: str, met
         key = name if name not in result["results"] else f"{name} (cross)"
         result["results"][key] = _transfer(job, dpl, state, other, name, f"test {name}", evaluate)
     result["top1"] = result["results"][own]["top1"]
-    write_text_atomic(out / "results.json", json.dumps(result, indent=1))
+    write_text_atomic(saved, json.dumps(result, indent=1))
     print(results_table(result))
     barrier(job.ranks)
     return result
@@ -488,8 +501,12 @@ def results_table(result: dict) -> str:
     return "\n".join(lines)
 
 
+def _default_prompts(job: Job) -> str:
+    return str(Path(job.cfg.output) / "train" / "prompts.pt")
+
+
 def _load_prompted(job: Job, prompts: str | None):
-    path = Path(prompts) if prompts else Path(job.cfg.output) / "train" / "prompts.pt"
+    path = Path(prompts) if prompts else Path(_default_prompts(job))
     if not path.is_file():
         raise FileNotFoundError(f"no prompts at {path}: run `fastdpl train` first or pass --prompts FILE")
     state = torch.load(path, map_location="cpu", weights_only=False)
@@ -519,7 +536,7 @@ def run_eval(cfg: RunConfig, prompts: str | None = None, stage: str = "eval") ->
     job = prepare(cfg)
     dpl, method, path, trained = _load_prompted(job, prompts)
     return _evaluate_and_write(job, dpl, job.out(stage), stage=stage, method=method,
-                               extra={"prompts": path, "trained": trained})
+                               extra={"prompts": path, "trained": trained}, default_prompts=_default_prompts(job))
 
 
 def run_zeroshot(cfg: RunConfig) -> dict:
