@@ -596,3 +596,26 @@ def test_cli_help_version_datasets_and_dry_run(tmp_path):
     settings = yaml.safe_load(dry.stdout)
     assert settings["shots"] == 4 and settings["resume"] is True and settings["train_epochs"] == 40
     assert not (tmp_path / "x").exists()
+
+
+def test_progress_bars_show_the_batches_seen_and_no_loss_when_evaluating():
+    """The bar's postfix is the running value of the batches seen so far (from the first batch
+    on), and evaluation bars show no loss at all (there is none: never a stale 0.000)."""
+    from fastdpl.pipeline.runtime import Dist
+
+    class Bar:
+        disable = False
+
+        def set_postfix(self, values):
+            self.shown = values
+
+    logits = torch.tensor([[2.0, 0.0], [0.0, 3.0], [1.0, 0.0]])
+    labels = torch.tensor([0, 1, 1])
+    train, bar = stages.Meter(), Bar()
+    train.update(torch.tensor(0.5), logits, labels)
+    train.show(bar, Dist())
+    assert bar.shown["loss"] == "0.500" and bar.shown["acc"] == "66.7"
+    evaluation, bar = stages.Meter(), Bar()
+    evaluation.update(torch.zeros(()), logits, labels)
+    evaluation.show(bar, Dist(), loss=False)
+    assert "loss" not in bar.shown and bar.shown["acc"] == "66.7"
