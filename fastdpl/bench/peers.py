@@ -22,6 +22,8 @@ import functools
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.nn.attention.bias import causal_lower_right
 
 from fastdpl.ops.reference import candidate_offsets
 
@@ -32,9 +34,6 @@ SDPA_BACKENDS = ("flash", "cudnn", "efficient", "math")
 def sdpa_over_prefix(q, k, v, prompt_k, prompt_v, causal, backend: str | None = None):
     """One SDPA call over [prompt_k ; k] (prompts broadcast over the batch, as a prompted block
     does); ``backend`` names one of SDPA_BACKENDS, or None for PyTorch's own choice."""
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-    from torch.nn.attention.bias import causal_lower_right
-
     batch, n_prompt = q.shape[0], prompt_k.shape[1]
     keys = torch.cat([prompt_k.unsqueeze(0).expand(batch, -1, -1, -1), k], dim=2)
     values = torch.cat([prompt_v.unsqueeze(0).expand(batch, -1, -1, -1), v], dim=2)

@@ -180,6 +180,13 @@ SETTINGS = {
     "progress": ("bookkeeping", _EVAL, "progress bars (per-epoch lines print either way)", ("true", "false")),
 }
 assert set(SETTINGS) == {f.name for f in fields(RunConfig)}, "every setting needs a SETTINGS entry"
+# Settings that cannot change what a stage computes: they may differ when a run is resumed,
+# and they never split an experiment in a report.
+RESUMABLE_CHANGES = {"workers", "progress", "resume", "device", "impl", "text_chunk_size", "root", "split_cache",
+                     "output", "eval_batch_size", "eval_datasets"} | {name for name in SETTINGS if name.startswith("tpt_")}
+# Each training stage's own settings (SETTINGS says which stages use a setting), ignored by the other.
+STAGE_SETTINGS = {stage: {name for name, (_, stages, _, _) in SETTINGS.items() if stages == (stage,)}
+                  for stage in ("search", "train")}
 
 
 def add_config_arguments(parser: argparse.ArgumentParser, stage: str | None = None) -> None:
@@ -235,17 +242,6 @@ def save_yaml(config: RunConfig, path: Path) -> None:
     from ..atomic import write_text_atomic
 
     write_text_atomic(path, yaml.safe_dump(config.to_dict(), sort_keys=False))
-
-
-# Settings that cannot change what a stage computes: they may differ when a run is resumed.
-RESUMABLE_CHANGES = {"workers", "progress", "resume", "device", "impl", "text_chunk_size", "root", "split_cache",
-                     "output", "eval_batch_size", "eval_datasets"} | {f.name for f in fields(RunConfig)
-                                                                       if f.name.startswith("tpt_")}
-# Each stage's own settings, which the other stage ignores.
-STAGE_SETTINGS = {
-    "search": {"search_epochs", "arch_lr", "arch_betas", "arch_weight_decay", "candidate_lengths", "search_towers"},
-    "train": {"train_epochs", "prompt_config", "distill_weight", "distill_temperature"},
-}
 
 
 def changed_settings(saved: dict, current: RunConfig, stage: str) -> list[str]:

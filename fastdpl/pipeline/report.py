@@ -18,10 +18,11 @@ import math
 from collections import defaultdict
 from pathlib import Path
 
+from .config import RESUMABLE_CHANGES
+
 METRICS = ("top1", "base", "new", "hm")
 # Settings that never change a result (or are the sample index: the seed).
-NOT_DEFINING = {"seed", "output", "resume", "progress", "workers", "device", "impl", "text_chunk_size", "root",
-                "split_cache", "eval_batch_size", "eval_datasets"}
+NOT_DEFINING = RESUMABLE_CHANGES | {"seed"}
 SHOWN = ("stage", "method", "model", "pretrained", "dataset", "shots", "subsample")
 
 
@@ -46,7 +47,7 @@ def experiment(result: dict) -> dict:
     the settings of the run that produced the prompts (``trained``, else the run's own)."""
     settings = result.get("trained") or result.get("settings") or {}
     own = result.get("settings") or {}
-    defining = {k: v for k, v in settings.items() if k not in NOT_DEFINING and not k.startswith("tpt_")}
+    defining = {k: v for k, v in settings.items() if k not in NOT_DEFINING}
     if result["stage"] == "tpt":  # how the test-time step ran defines a TPT experiment too
         defining.update({k: v for k, v in own.items() if k.startswith("tpt_")})
     shown = {k: result.get(k, "all" if k == "subsample" else None) for k in SHOWN}
