@@ -4,6 +4,7 @@
     fastdpl zeroshot|search|train|eval|tpt [--config run.yaml] [--dataset NAME --root DIR ...]
     fastdpl report RUN_DIRS... --out results/summary
     fastdpl check-data --dataset NAME --root DIR
+    fastdpl import-alpha AUTHORS_OUTPUT [--epoch E] --out prompt_config.json   the authors' searched alpha
     fastdpl datasets                  the datasets and the folders they need
     fastdpl bench [op|step] [options]  benchmarks
 
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 STAGES = ("zeroshot", "search", "train", "eval", "tpt")
 
@@ -39,6 +41,16 @@ def _stage_parsers(sub) -> None:
     report.add_argument("runs", nargs="+", help="run folders or results.json files")
     report.add_argument("--out", default="report", help="output path without suffix (writes .md and .csv)")
     sub.add_parser("datasets", help="list the datasets and the folders they need under --root")
+    alpha = sub.add_parser("import-alpha", help="the configuration searched by the authors' code (their alpha .npy)",
+                           description="Read the alpha_e<E>_img.npy / alpha_e<E>_txt.npy files of a search run of "
+                           "the authors' Differentiable-Prompt-Learn code (their _txt file holds the image alpha and "
+                           "their _img file the text alpha) and write a PromptConfig for `fastdpl train "
+                           "--prompt-config`.")
+    alpha.add_argument("path", help="their output folder, or one of the two .npy files")
+    alpha.add_argument("--epoch", type=int, help="which epoch's files (default: the highest)")
+    alpha.add_argument("--not-swapped", action="store_true",
+                       help="the files are named for what they hold (a corrected copy of their code)")
+    alpha.add_argument("--out", default="prompt_config.json", help="where to write the configuration")
     check = sub.add_parser("check-data", help="validate a dataset root")
     check.add_argument("--dataset", required=True)
     check.add_argument("--root")
@@ -108,6 +120,15 @@ def _run(args) -> int:
         from .data.datasets import dataset_table
 
         print(dataset_table())
+        return 0
+    if args.command == "import-alpha":
+        from .config import PromptConfig
+
+        config = PromptConfig.from_authors_alpha(args.path, args.epoch, swapped=not args.not_swapped)
+        if Path(args.out).exists():
+            raise FileExistsError(f"--out {args.out} exists: choose another path (nothing is overwritten)")
+        config.save(args.out)
+        print(f"{config}\nwrote {args.out}: fastdpl train --prompt-config {args.out}")
         return 0
     if args.command == "report":
         from .pipeline.report import report

@@ -65,6 +65,51 @@ class PromptConfig:
         """No prompts anywhere: the frozen CLIP itself."""
         return cls.uniform(0, 0, num_blocks, towers)
 
+    @classmethod
+    def from_alpha(cls, alphas: Mapping[str, object], candidate_lengths: Sequence[int] | None = None) -> "PromptConfig":
+        """argmax per block of each tower's (blocks, candidates) architecture logits; candidate c has
+        length ``candidate_lengths[c]`` (default c, as in the authors' code: column c is c tokens)."""
+        import torch
+
+        lengths = {}
+        for tower, alpha in alphas.items():
+            alpha = torch.as_tensor(alpha)
+            if alpha.dim() != 2 or alpha.shape[1] == 0 or not torch.isfinite(alpha).all():
+                raise ValueError(f"PromptConfig.from_alpha: alpha of tower {tower!r} must be a finite (blocks, "
+                                 f"candidates) array, got shape {tuple(alpha.shape)}")
+            choices = list(candidate_lengths) if candidate_lengths is not None else list(range(alpha.shape[1]))
+            if len(choices) != alpha.shape[1]:
+                raise ValueError(f"PromptConfig.from_alpha: tower {tower!r} has {alpha.shape[1]} candidates but "
+                                 f"{len(choices)} candidate lengths were given")
+            lengths[tower] = tuple(choices[i] for i in alpha.argmax(dim=1).tolist())
+        return cls(lengths)
+
+    @classmethod
+    def from_authors_alpha(cls, path: str | os.PathLike, epoch: int | None = None,
+                           swapped: bool = True) -> "PromptConfig":
+        """The configuration of a search run of the authors' code (Differentiable-Prompt-Learn).
+
+        ``path``: their output folder (the highest epoch's files, or ``epoch``) or either file of a
+        pair ``alpha_e<E>_img.npy`` / ``alpha_e<E>_txt.npy``. Their ``save_alpha`` writes the *image*
+        alpha to the ``_txt`` file and the *text* alpha to the ``_img`` file; with ``swapped=True``
+        (default) they are read that way round. Pass ``swapped=False`` for files whose names say
+        what they hold (a corrected copy of their code).
+        """
+        import numpy as np
+
+        files = _authors_alpha_files(Path(path), epoch)
+        sources = {"image": files["txt" if swapped else "img"], "text": files["img" if swapped else "txt"]}
+        alphas = {}
+        for tower, file in sources.items():
+            try:
+                alphas[tower] = np.load(file, allow_pickle=False)
+            except (OSError, ValueError) as exc:
+                raise ValueError(f"{file}: not a NumPy array file ({exc})") from exc
+            if alphas[tower].ndim != 2:
+                raise ValueError(f"{file}: expected a (blocks, candidates) alpha array, "
+                                 f"got shape {alphas[tower].shape}")
+        return cls.from_alpha(alphas)
+
     # ---- queries -----------------------------------------------------------------------------------
     @property
     def towers(self) -> tuple[str, ...]:
@@ -115,3 +160,34 @@ class PromptConfig:
             rows.append(f"{block:>5} | " + " | ".join(cells))
         rows.append("total | " + " | ".join(f"{self.total_tokens(t):>5}" for t in self.towers))
         return "\n".join(rows)
+
+
+def _authors_alpha_files(path: Path, epoch: int | None) -> dict:
+    """{"img": Path, "txt": Path} of one epoch of the authors' alpha files (see from_authors_alpha)."""
+    import re
+
+    pattern = re.compile(r"alpha_e(\d+)_(img|txt)\.npy$")
+    if path.is_file():
+        match = pattern.search(path.name)
+        if not match:
+            raise ValueError(f"{path}: expected an authors' alpha file named alpha_e<EPOCH>_img.npy or _txt.npy")
+        folder, epoch = path.parent, int(match.group(1)) if epoch is None else epoch
+    elif path.is_dir():
+        folder = path
+    else:
+        raise FileNotFoundError(f"no authors' alpha files at {path} (give their output folder or an "
+                                "alpha_e<EPOCH>_txt.npy file)")
+    found = {}
+    for file in folder.iterdir():
+        match = pattern.search(file.name)
+        if match:
+            found.setdefault(int(match.group(1)), {})[match.group(2)] = file
+    if not found:
+        raise FileNotFoundError(f"{folder} holds no alpha_e<EPOCH>_img.npy / _txt.npy files")
+    epoch = max(found) if epoch is None else epoch
+    pair = found.get(epoch, {})
+    for kind in ("img", "txt"):
+        if kind not in pair:
+            raise FileNotFoundError(f"{folder / f'alpha_e{epoch}_{kind}.npy'} is missing "
+                                    f"(epochs found: {sorted(found)})")
+    return pair

@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .templates import tokenize_classes
 from .towers import image_embeddings, image_head, text_embeddings, text_head, text_module
 
 
@@ -56,11 +57,21 @@ def literal_encode_image(dpl, images: torch.Tensor) -> torch.Tensor:
     return image_head(visual, x[:, 0])
 
 
+def literal_token_embeddings(dpl) -> torch.Tensor:
+    """The text input's token embeddings over all positions, from the templates themselves: each
+    template's class texts tokenized and embedded, then averaged (one template: itself)."""
+    embedding = text_module(dpl.model).token_embedding
+    length = dpl.class_tokens.shape[1]
+    per_template = [embedding(tokenize_classes(dpl.classnames, t, None, length).to(embedding.weight.device))
+                    for t in dpl.templates]
+    return torch.stack(per_template).mean(0)
+
+
 def literal_encode_text(dpl, context=None, text_prompts=None) -> torch.Tensor:
     """All class texts over all positions; ``context`` (n, W) replaces tokens 1..n (CoOp/TPT),
     ``text_prompts`` {block: (n_b, W)} replaces a fixed-mode module's text prompts."""
     tokens = dpl.class_tokens
-    x = text_embeddings(dpl.model, tokens)
+    x = text_embeddings(dpl.model, literal_token_embeddings(dpl))
     if context is not None:  # swap the words' embeddings for the context, positions kept
         pos = text_module(dpl.model).positional_embedding[1:1 + context.shape[0]].to(x.dtype)
         x = x.clone()

@@ -33,6 +33,7 @@ from torch.utils.checkpoint import checkpoint
 from .config import TOWERS, PromptConfig
 from .ops import IMPLS, normalize_candidate_lengths
 from .profiling import nvtx_range
+from .templates import resolve_template, tokenize_classes
 from .towers import (
     end_of_text_positions, image_embeddings, image_head, image_parts, project_prompts, prompted_block,
     text_embeddings, text_head, text_module, text_parts,
@@ -49,18 +50,6 @@ def _prompt_key(tower: str, block: int, length: int) -> str:
     return f"{tower}_block{block}_len{length}"
 
 
-def _tokenize(classnames, template: str, tokenizer, context_length: int) -> torch.Tensor:
-    texts = [template.format(name.replace("_", " ")) for name in classnames]
-    if tokenizer is None:
-        import open_clip
-
-        return open_clip.tokenize(texts, context_length=context_length)
-    tokens = tokenizer(texts)
-    if not isinstance(tokens, torch.Tensor) or tokens.dim() != 2 or tokens.shape[0] != len(texts):
-        raise ValueError("tokenizer must return a (num_classes, context_length) tensor of token ids")
-    return tokens
-
-
 class FastDPLPrompt(nn.Module):
     """Differentiable Prompt Learning around an open_clip CLIP model.
 
@@ -70,11 +59,15 @@ class FastDPLPrompt(nn.Module):
         mode: "search" (supernet over ``candidate_lengths``) or "fixed" (lengths from ``config``).
         candidate_lengths: distinct non-negative prompt lengths searched per block (search mode).
         config: a PromptConfig (fixed mode).
-        template: class text template, e.g. "a photo of a {}.".
+        template: the text input: a class template such as "a photo of a {}." (the authors' search
+            stage), "default" (that one), "ensemble" (the authors' train stage: the mean of the token
+            embeddings of 60 ImageNet templates, end-of-text of the last; fastdpl.templates), or a
+            list of templates to ensemble the same way.
         towers: towers that get prompts in search mode.
         impl: op engine, "auto", "eager", "triton" or "reference".
-        init: prompt initialisation, "normal" (N(0, 0.02^2)) or "paper" (the authors' search code:
-            image prompts N(0, 1), text prompts U[0, 1)).
+        init: prompt initialisation, "normal" (N(0, 0.02^2): the authors' train stage, and fastdpl's
+            default for search too) or "paper" (the authors' search stage: image prompts N(0, 1),
+            text prompts U[0, 1)).
         text_chunk_size: run the text tower over the classes in chunks of this size with activation
             checkpointing (memory for many classes); None runs all classes at once.
         tokenizer: callable texts -> (num_classes, context_length) token ids; default open_clip.tokenize.
@@ -83,7 +76,7 @@ class FastDPLPrompt(nn.Module):
 
     def __init__(self, model: nn.Module, classnames: Sequence[str], *, mode: str = "search",
                  candidate_lengths: Sequence[int] = range(7), config: PromptConfig | None = None,
-                 template: str = "a photo of a {}.", towers: Sequence[str] = TOWERS, impl: str = "auto",
+                 template: str | Sequence[str] = "a photo of a {}.", towers: Sequence[str] = TOWERS, impl: str = "auto",
                  init: str = "normal", text_chunk_size: int | None = None, tokenizer: Callable | None = None,
                  generator: torch.Generator | None = None):
         super().__init__()
@@ -101,7 +94,8 @@ class FastDPLPrompt(nn.Module):
             p.requires_grad_(False)
         self.mode, self.impl, self.init, self.text_chunk_size = mode, impl, init, text_chunk_size
         self.classnames = self._check_classnames(classnames)
-        self.template = template
+        self.template = template if isinstance(template, str) else list(template)
+        self.templates = resolve_template(template)
 
         if mode == "search":
             towers = self._check_towers(towers)
@@ -137,7 +131,17 @@ class FastDPLPrompt(nn.Module):
                 self.arch_logits[tower] = nn.Parameter(1e-3 * torch.randn(shape, generator=generator))
 
         context_length = text_module(model).positional_embedding.shape[0]
-        tokens = _tokenize(self.classnames, template, tokenizer, context_length)
+        per_template = [tokenize_classes(self.classnames, t, tokenizer, context_length) for t in self.templates]
+        tokens = per_template[-1]  # an ensemble reads the last template's end-of-text position
+        # An ensemble's input is the per-position mean of its templates' token embeddings (in float64,
+        # then the model's dtype); a single template looks its embeddings up on the fly.
+        ensemble = None
+        if len(per_template) > 1:
+            embedding = text_module(model).token_embedding
+            with torch.no_grad():
+                ensemble = torch.stack([embedding(t.to(embedding.weight.device)).double() for t in per_template])
+                ensemble = ensemble.mean(0).to(embedding.weight.dtype)
+        self.register_buffer("_ensemble_embeddings", ensemble, persistent=False)
         eot = end_of_text_positions(model, tokens)
         self.register_buffer("class_tokens", tokens, persistent=False)
         self.register_buffer("end_of_text", eot, persistent=False)
@@ -275,10 +279,17 @@ class FastDPLPrompt(nn.Module):
         return [p for k, p in self.prompts.items() if k.startswith("text_")] + \
             ([self.arch_logits["text"]] if "text" in self.arch_logits else [])
 
-    def _encode_text_chunk(self, tokens, end_of_text, length, block_inputs, context=None):
-        """Text features of ``tokens`` truncated to ``length``; ``context`` replaces the template's
+    def token_embeddings(self, classes: slice = slice(None), length: int | None = None) -> torch.Tensor:
+        """The text input's token embeddings (classes, length, W), before positions: the class texts'
+        own, or an ensemble's mean."""
+        if self._ensemble_embeddings is not None:
+            return self._ensemble_embeddings[classes, :length]
+        return text_module(self.model).token_embedding(self.class_tokens[classes, :length])
+
+    def _encode_text_chunk(self, embeddings, end_of_text, block_inputs, context=None):
+        """Text features of the token ``embeddings`` (B, L, W); ``context`` replaces the template's
         leading words (see text_embeddings)."""
-        x = text_embeddings(self.model, tokens[:, :length], context)
+        x = text_embeddings(self.model, embeddings, context)
         blocks = self._parts["text"].blocks
         for b, (block, (kv, lengths, weights)) in enumerate(zip(blocks, block_inputs)):
             name = f"fastdpl/text/block{b}"
@@ -315,16 +326,16 @@ class FastDPLPrompt(nn.Module):
         features = []
         for start in range(lo, hi, chunk):
             stop = min(start + chunk, hi)
-            tokens = self.class_tokens[start:stop]
             eot = self.end_of_text[start:stop]
             length = max(self._end_of_text_list[start:stop]) + 1  # truncate per chunk
             if "truncate_text" not in self._savings:
-                length = tokens.shape[1]
+                length = self.class_tokens.shape[1]
+            embeddings = self.token_embeddings(slice(start, stop), length)
             if self.text_chunk_size is not None and torch.is_grad_enabled():
-                features.append(checkpoint(self._encode_text_chunk, tokens, eot, length, block_inputs,
+                features.append(checkpoint(self._encode_text_chunk, embeddings, eot, block_inputs,
                                            use_reentrant=False))
             else:
-                features.append(self._encode_text_chunk(tokens, eot, length, block_inputs))
+                features.append(self._encode_text_chunk(embeddings, eot, block_inputs))
         features = torch.cat(features) if len(features) > 1 else features[0]
         if cacheable:
             self._text_cache = (key, features.detach())

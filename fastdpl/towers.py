@@ -128,16 +128,16 @@ def image_head(visual: nn.Module, class_token: torch.Tensor) -> torch.Tensor:
     return pooled @ visual.proj if visual.proj is not None else pooled
 
 
-def text_embeddings(model: nn.Module, tokens: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
-    """Token plus positional embeddings. ``context`` (n, W) or (B, n, W), CoOp-style, replaces the
-    embeddings of tokens 1..n (the template's leading words) before the positions are added."""
+def text_embeddings(model: nn.Module, embeddings: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+    """Token embeddings (B, L, W) plus positional embeddings. ``context`` (n, W) or (B, n, W),
+    CoOp-style, replaces the embeddings of tokens 1..n (the template's leading words) first."""
     text = text_module(model)
-    x = text.token_embedding(tokens)
+    x = embeddings
     if context is not None:
         n = context.shape[-2]
         context = context.to(x.dtype).expand(x.shape[0], n, x.shape[-1])
         x = torch.cat([x[:, :1], context, x[:, 1 + n:]], dim=1)
-    return x + text.positional_embedding[: tokens.shape[1]].to(x.dtype)
+    return x + text.positional_embedding[: x.shape[1]].to(x.dtype)
 
 
 def text_head(model: nn.Module, eot_features: torch.Tensor) -> torch.Tensor:

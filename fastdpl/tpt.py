@@ -1,8 +1,8 @@
 """Test-time prompt tuning (TPT), fast: tune the text prompt on each unlabeled test image alone.
 
-For a test image: 64 views (the original plus 63 random resized crops, AugMix-style
-mixes for fine-grained sets); keep the 10 % of views whose class distribution has
-the lowest entropy; minimise the entropy of the *average* of the kept views'
+For a test image: 64 views (the original plus 63 random resized crops, AugMix mixes
+for the fine-grained and cross-dataset sets, exactly TPT's: fastdpl.data.augmix);
+keep the 10 % of views whose class distribution has the lowest entropy; minimise the entropy of the *average* of the kept views'
 distributions with one AdamW step (lr 5e-3) on the text prompt; predict the
 original view with the tuned prompt; start the next image from the original
 prompt and a fresh optimiser.
@@ -25,11 +25,12 @@ exactly its own gradient, so the batch equals G separate runs.
 from __future__ import annotations
 
 import math
-import random
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .data.augmix import SEVERITY, augmix
 from .dtypes import at_least_float32
 from .profiling import nvtx_range
 from .prompt import FastDPLPrompt
@@ -69,69 +70,40 @@ def average_entropy(logits: torch.Tensor) -> torch.Tensor:
 
 
 # ---- the views --------------------------------------------------------------------------------------
-def _augmix_ops():
-    from PIL import Image, ImageOps
-
-    def affine(img, rng, matrix):
-        return img.transform(img.size, Image.AFFINE, matrix, resample=Image.BILINEAR)
-
-    return [
-        lambda img, rng: ImageOps.autocontrast(img),
-        lambda img, rng: ImageOps.equalize(img),
-        lambda img, rng: ImageOps.posterize(img, rng.randint(4, 8)),
-        lambda img, rng: img.rotate(rng.uniform(-30, 30), resample=Image.BILINEAR),
-        lambda img, rng: ImageOps.solarize(img, rng.randint(128, 256)),
-        lambda img, rng: affine(img, rng, (1, rng.uniform(-0.3, 0.3), 0, 0, 1, 0)),
-        lambda img, rng: affine(img, rng, (1, 0, 0, rng.uniform(-0.3, 0.3), 1, 0)),
-        lambda img, rng: affine(img, rng, (1, 0, rng.uniform(-1, 1) * img.size[0] / 3, 0, 1, 0)),
-        lambda img, rng: affine(img, rng, (1, 0, 0, 0, 1, rng.uniform(-1, 1) * img.size[1] / 3)),
-    ]
-
-
 class TPTViews:
-    """A PIL image -> (views, 3, S, S): the test-preprocessed original first, then random views.
+    """A PIL image -> (views, 3, S, S): the test-preprocessed original first, then random views, as TPT.
 
-    A random view is a random resized crop with a random flip; with ``augmix`` it is
-    mixed AugMix-style: m * crop + (1 - m) * sum_i w_i * chain_i(crop), w ~ Dirichlet(1, 1, 1),
-    m ~ Beta(1, 1), each chain 1-3 random PIL operations. Draws come from ``seed`` only.
+    A random view is a random resized crop (scale 0.08-1, bilinear: torchvision's defaults, which TPT
+    uses) with a random horizontal flip; with ``augmix`` it is AugMix-mixed at ``severity``
+    (fastdpl.data.augmix: TPT's ops, ranges and mixing). Draws come from ``seed`` only.
     """
 
-    def __init__(self, image_size: int, views: int = 64, augmix: bool = False):
+    def __init__(self, image_size: int, views: int = 64, augmix: bool = False, severity: float = SEVERITY):
         from torchvision import transforms as T
 
         from .data.images import CLIP_MEAN, CLIP_STD, clip_transform
 
         if views < 1:
             raise ValueError(f"views must be >= 1, got {views}")
-        self.views, self.augmix = views, augmix
+        if not 0.1 < severity <= 10:
+            raise ValueError(f"severity must be in (0.1, 10], got {severity}")
+        self.views, self.augmix, self.severity = views, augmix, severity
         self.original = clip_transform(image_size, train=False)
-        self.crop = T.Compose([T.RandomResizedCrop(image_size, interpolation=T.InterpolationMode.BICUBIC),
-                               T.RandomHorizontalFlip()])
-        self.to_tensor = T.Compose([T.ToTensor(), T.Normalize(CLIP_MEAN, CLIP_STD)])
-        self.ops = _augmix_ops()
-
-    def _mix(self, crop, rng: random.Random) -> torch.Tensor:
-        w = torch.distributions.Dirichlet(torch.ones(3)).sample()
-        m = torch.distributions.Beta(1.0, 1.0).sample()
-        mix = 0
-        for i in range(3):
-            image = crop
-            for _ in range(rng.randint(1, 3)):
-                image = rng.choice(self.ops)(image, rng)
-            mix = mix + w[i] * self.to_tensor(image)
-        return m * self.to_tensor(crop) + (1 - m) * mix
+        self.crop = T.Compose([T.RandomResizedCrop(image_size), T.RandomHorizontalFlip()])
+        self.preprocess = T.Compose([T.ToTensor(), T.Normalize(CLIP_MEAN, CLIP_STD)])
 
     def __call__(self, image, seed: int) -> torch.Tensor:
         from .data.images import open_image
 
         image = open_image(image)
+        rng = np.random.default_rng(seed)
         with torch.random.fork_rng(devices=[]):  # torchvision draws from the global RNG
             torch.manual_seed(seed)
-            rng = random.Random(seed)
             out = [self.original(image)]
             for _ in range(self.views - 1):
                 crop = self.crop(image)
-                out.append(self._mix(crop, rng) if self.augmix else self.to_tensor(crop))
+                out.append(augmix(crop, self.preprocess, rng, self.severity) if self.augmix
+                           else self.preprocess(crop))
         return torch.stack(out)
 
 
@@ -184,6 +156,10 @@ class TestTimePromptTuner:
         ids = open_clip.tokenize([words])[0]
         ids = ids[1:int(ids.argmax())]  # between start- and end-of-text
         n = len(ids)
+        if len(self.dpl.templates) > 1:
+            raise ValueError(f"tune='context' replaces the words of one template; this module's text input is an "
+                             f"ensemble of {len(self.dpl.templates)} templates (use tune='text_prompts', or one "
+                             "template)")
         tokens = self.dpl.class_tokens
         if n == 0 or not torch.equal(tokens[:, 1:1 + n].cpu(), ids.expand(tokens.shape[0], n)):
             raise ValueError(f"context {words!r}: the template {self.dpl.template!r} must start with these words")
@@ -213,8 +189,8 @@ class TestTimePromptTuner:
                     pk, pv = project_prompts(block, tuned[b].to(dtype))
                     kv = (pk.repeat_interleave(classes, 0), pv.repeat_interleave(classes, 0))
                 inputs[b] = (kv, (tuned[b].shape[1],), dpl._one)
-        tokens = dpl.class_tokens.repeat(groups, 1)
-        features = dpl._encode_text_chunk(tokens, dpl.end_of_text.repeat(groups), self.length, inputs, context)
+        embeddings = dpl.token_embeddings(length=self.length).repeat(groups, 1, 1)
+        features = dpl._encode_text_chunk(embeddings, dpl.end_of_text.repeat(groups), inputs, context)
         return features.view(groups, classes, -1)
 
     def _logits(self, image_features: torch.Tensor, text_features: torch.Tensor) -> torch.Tensor:

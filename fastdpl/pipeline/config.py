@@ -11,6 +11,9 @@ import typing
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
+from ..templates import NAMES as TEMPLATE_NAMES
+from ..templates import check_format
+
 PRECISIONS = ("fp32", "bf16")
 
 
@@ -29,7 +32,7 @@ class RunConfig:
     # model
     model: str = "ViT-B-16"
     pretrained: str | None = "openai"
-    template: str = "a photo of a {}."
+    template: str = "auto"  # auto: the authors' per stage (stage_template); default | ensemble | custom | "... {} ..."
     impl: str = "auto"
     device: str = "auto"
     precision: str = "fp32"
@@ -41,7 +44,9 @@ class RunConfig:
     arch_lr: float = 3.5e-3
     arch_betas: list = field(default_factory=lambda: [0.5, 0.999])
     arch_weight_decay: float = 0.0
-    init: str = "normal"
+    init: str = "normal"  # the search stage's prompts; the train stage always starts from N(0, 0.02^2)
+    val_batch_size: int = 16  # the alpha steps' validation batch (the authors' TEST.BATCH_SIZE)
+    val_batches: str = "cycle"  # cycle: reshuffled passes over the validation split; first: its first batch only
     # both stages
     batch_size: int = 4
     lr: float = 3.5e-3
@@ -55,6 +60,7 @@ class RunConfig:
     prompt_config: str | None = None  # a PromptConfig JSON, or a preset: zero_shot | uniform:LENGTH:DEPTH
     distill_weight: float = 0.0
     distill_temperature: float = 1.0
+    distill_teacher: str = "ensemble"  # ensemble: all 60 templates; last: the last one only (the authors' code)
     # evaluation
     eval_batch_size: int = 100
     eval_datasets: list = field(default_factory=list)  # cross-dataset / domain shift, after the own test set
@@ -73,10 +79,8 @@ class RunConfig:
     progress: bool = True
 
     def validate(self) -> "RunConfig":
-        if self.precision not in PRECISIONS:
-            raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
-        for name in ("batch_size", "search_epochs", "train_epochs", "eval_batch_size", "tpt_views", "tpt_steps",
-                     "tpt_group"):
+        for name in ("batch_size", "val_batch_size", "search_epochs", "train_epochs", "eval_batch_size", "tpt_views",
+                     "tpt_steps", "tpt_group"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ValueError(f"{name} must be a positive int, got {getattr(self, name)!r}")
         if self.shots is not None and (not isinstance(self.shots, int) or self.shots < 1):
@@ -85,6 +89,12 @@ class RunConfig:
             raise ValueError(f"warmup_epochs must be >= 0, got {self.warmup_epochs}")
         if self.distill_weight < 0:
             raise ValueError(f"distill_weight must be >= 0, got {self.distill_weight}")
+        for name, (_, _, _, allowed) in SETTINGS.items():  # the string settings with a fixed set of values
+            value = getattr(self, name)
+            if allowed and _HINTS[name] is str and isinstance(value, str) and value not in allowed:
+                raise ValueError(f"{name} must be one of {', '.join(allowed)}, got {value!r}")
+        if self.template not in ("auto", *TEMPLATE_NAMES):
+            check_format(self.template, "template")
         if self.tpt_augmix not in ("auto", "true", "false", True, False):
             raise ValueError(f"tpt_augmix must be auto, true or false, got {self.tpt_augmix!r}")
         return self
@@ -139,7 +149,9 @@ SETTINGS = {
     "flip": ("data", _TRAINING, "random horizontal flips (training)", ("true", "false")),
     "model": ("model", _EVAL, "open_clip model name, a local checkpoint, or tiny (the built-in CLIP)", None),
     "pretrained": ("model", _EVAL, "open_clip pretrained tag or file; none: random weights", None),
-    "template": ("model", _EVAL, "class-name template of the text input", None),
+    "template": ("model", _EVAL, "text input: auto (the authors' per stage: search default, train ensemble, "
+                 "zeroshot custom), default ('a photo of a {}.'), ensemble (mean of 60 templates' token "
+                 "embeddings), custom (the dataset's own), or a format string with {}", None),
     "impl": ("model", _EVAL, "attention engine (does not change results beyond rounding)",
              ("auto", "eager", "triton", "reference")),
     "device": ("model", _EVAL, "device (auto: cuda when available)", None),
@@ -151,7 +163,12 @@ SETTINGS = {
     "arch_lr": ("search", ("search",), "Adam learning rate of alpha", None),
     "arch_betas": ("search", ("search",), "Adam betas of alpha, as B1,B2", None),
     "arch_weight_decay": ("search", ("search",), "weight decay of alpha", None),
-    "init": ("search", _TRAINING, "prompt initialisation", ("normal", "paper")),
+    "init": ("search", ("search",), "search-stage prompt init: normal = N(0, 0.02^2) (fastdpl's; the authors' train "
+             "stage always uses it), paper = the authors' search code (image N(0, 1), text U[0, 1))",
+             ("normal", "paper")),
+    "val_batch_size": ("search", ("search",), "images per validation batch of the alpha step, per process", None),
+    "val_batches": ("search", ("search",), "alpha steps' validation batches: cycle (reshuffled passes, fastdpl's) "
+                    "or first (the same first batch every step, the authors')", ("cycle", "first")),
     "batch_size": ("training", _TRAINING, "images per step per process", None),
     "lr": ("training", _TRAINING, "SGD learning rate of the prompts (cosine schedule)", None),
     "momentum": ("training", _TRAINING, "SGD momentum", None),
@@ -160,10 +177,12 @@ SETTINGS = {
     "warmup_epochs": ("training", _TRAINING, "epochs at the constant warm-up learning rate", None),
     "warmup_lr": ("training", _TRAINING, "warm-up learning rate", None),
     "train_epochs": ("training", ("train",), "epochs of the train stage", None),
-    "prompt_config": ("training", ("train",), "configuration: a PromptConfig JSON, zero_shot or uniform:LENGTH:DEPTH "
-                      "(default: the search stage's)", None),
+    "prompt_config": ("training", ("train",), "configuration: a PromptConfig JSON, zero_shot, uniform:LENGTH:DEPTH, "
+                      "or an authors' search output folder / alpha .npy (default: the search stage's)", None),
     "distill_weight": ("training", ("train",), "weight of the KL term towards zero-shot CLIP (0: off)", None),
     "distill_temperature": ("training", ("train",), "temperature of the distillation term", None),
+    "distill_teacher": ("training", ("train",), "teacher's templates: ensemble (all 60, averaged) or last (the "
+                        "authors' code keeps only the last)", ("ensemble", "last")),
     "eval_batch_size": ("evaluation", _EVAL, "images per evaluation batch", None),
     "eval_datasets": ("evaluation", _EVAL, "more test sets (cross-dataset, domain shift), as a,b,c", None),
     "tpt_views": ("tpt", ("tpt",), "views per test image (the original and augmented ones)", None),

@@ -80,10 +80,28 @@ def make_loader(samples, image_size: int, batch_size: int, seed: int, ranks: Dis
     return DataLoader(dataset, batch_sampler=sampler, num_workers=workers, persistent_workers=False)
 
 
+def _require_batches(loader, what: str) -> None:
+    if len(loader) == 0:
+        sampler = loader.batch_sampler
+        raise ValueError(f"{what}: {sampler.size} images make no full batch of {sampler.batch_size} per process "
+                         f"on {sampler.ranks.world} processes; lower --val-batch-size or use fewer processes")
+
+
 def cycle_batches(loader, epoch: int):
     """Batches of ``loader`` forever, reshuffled on each pass (validation batches for the alpha steps)."""
+    _require_batches(loader, "validation split")
     cycle = 0
     while True:
         loader.batch_sampler.set_epoch(epoch, cycle)
         yield from loader
         cycle += 1
+
+
+def first_batch(loader):
+    """The loader's first batch, forever (the authors' alpha steps: ``next(iter(val_loader))`` of
+    an unshuffled loader with test preprocessing, every step). Loaded once."""
+    _require_batches(loader, "validation split")
+    loader.batch_sampler.set_epoch(0)
+    batch = next(iter(loader))
+    while True:
+        yield batch

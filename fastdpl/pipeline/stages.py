@@ -26,20 +26,15 @@ from ..dtypes import at_least_float32
 from ..models import load_clip
 from ..profiling import nvtx_range
 from ..prompt import FastDPLPrompt
+from ..templates import CUSTOM_TEMPLATES, IMAGENET_TEMPLATES, resolve_template, tokenize_classes
 from ..towers import image_parts, text_parts
 from .classifier import wrap
 from .config import RunConfig, changed_settings, save_yaml
-from .loaders import cycle_batches, make_loader
+from .loaders import cycle_batches, first_batch, make_loader
 from .logs import RunLog, alpha_entropy
 from .runtime import (
     Dist, autocast, barrier, init_distributed, pick_device, rng_state, seed_everything, set_rng_state,
 )
-
-# Prompt ensembling for the zero-shot teacher of distillation (CLIP's habit of averaging templates).
-TEACHER_TEMPLATES = ["a photo of a {}.", "a bad photo of a {}.", "a photo of the large {}.",
-                     "a photo of the small {}.", "a drawing of a {}.", "a close-up photo of a {}.",
-                     "itap of a {}.", "art of the {}."]
-
 
 @dataclass
 class Job:
@@ -49,6 +44,7 @@ class Job:
     model: torch.nn.Module
     splits: object  # DatasetSplits after few-shot sampling and class subsampling
     image_size: int
+    template: str = "default"  # the text input of this stage's prompt modules (stage_template)
 
     def out(self, stage: str) -> Path:
         path = Path(self.cfg.output) / stage
@@ -57,7 +53,8 @@ class Job:
         return path
 
 
-def prepare(cfg: RunConfig) -> Job:
+def prepare(cfg: RunConfig, stage: str = "search") -> Job:
+    """Device, processes, seeds, the backbone and the few-shot splits of a ``stage``."""
     device = pick_device(cfg.device)
     ranks = init_distributed(device)
     seed_everything(cfg.seed)
@@ -66,16 +63,36 @@ def prepare(cfg: RunConfig) -> Job:
     splits = subsample_classes(fewshot_splits(load_dataset(cfg.dataset, cfg.root), cfg.shots, cfg.seed,
                                               cache_dir=cache if ranks.main else None), cfg.subsample)
     size = model.visual.image_size
-    return Job(cfg, ranks, device, model, splits, size[0] if isinstance(size, (tuple, list)) else size)
+    return Job(cfg, ranks, device, model, splits, size[0] if isinstance(size, (tuple, list)) else size,
+               stage_template(cfg, stage))
 
 
-def build_dpl(job: Job, classnames, mode: str, config: PromptConfig | None = None) -> FastDPLPrompt:
+def stage_template(cfg: RunConfig, stage: str) -> str:
+    """The text input a stage uses: ``--template`` when given, else (``auto``) what the authors use
+    there: "a photo of a {}." to search, the 60-template ensemble to train, the dataset's hand-written
+    template for zero-shot CLIP (where it has one), and TPT's "a photo of a {}." for zero-shot TPT."""
+    if cfg.template != "auto":
+        return cfg.template
+    if stage == "train":
+        return "ensemble"
+    if stage == "zeroshot":
+        from ..data import canonical_name
+
+        return "custom" if canonical_name(cfg.dataset) in CUSTOM_TEMPLATES else "default"
+    return "default"
+
+
+def build_dpl(job: Job, classnames, mode: str, config: PromptConfig | None = None,
+              dataset: str | None = None) -> FastDPLPrompt:
+    """The stage's prompt module over ``classnames`` of ``dataset`` (default: the run's), with the
+    stage's text input. Only the search stage honours ``--init``: the authors' train stage always
+    starts its prompts from N(0, 0.02^2)."""
     cfg = job.cfg
-    common = dict(template=cfg.template, impl=cfg.impl, init=cfg.init, text_chunk_size=cfg.text_chunk_size,
-                  generator=torch.Generator().manual_seed(cfg.seed))
+    common = dict(template=resolve_template(job.template, dataset or cfg.dataset), impl=cfg.impl,
+                  text_chunk_size=cfg.text_chunk_size, generator=torch.Generator().manual_seed(cfg.seed))
     if mode == "search":
         return FastDPLPrompt(job.model, classnames, mode="search", candidate_lengths=cfg.candidate_lengths,
-                             towers=cfg.search_towers, **common)
+                             towers=cfg.search_towers, init=cfg.init, **common)
     return FastDPLPrompt(job.model, classnames, mode="fixed", config=config, **common)
 
 
@@ -237,8 +254,8 @@ def alpha_snapshot(dpl: FastDPLPrompt) -> dict:
 
 
 def run_search(cfg: RunConfig) -> dict:
-    """Alternate Adam steps on alpha (validation batches, cycled) and SGD steps on prompts (train batches)."""
-    job = prepare(cfg)
+    """Alternate Adam steps on alpha (validation batches) and SGD steps on prompts (training batches)."""
+    job = prepare(cfg, "search")
     out = job.out("search")
     dpl = build_dpl(job, job.splits.classnames, "search")
     net = wrap(dpl, job.ranks, job.device)
@@ -250,14 +267,17 @@ def run_search(cfg: RunConfig) -> dict:
     optimizers = {"arch": arch_opt, "prompt": prompt_opt}
     start, history = _start_epoch(job, out, dpl, optimizers, scheduler)
     train = _train_loader(job, job.splits.train, cfg.seed)
-    val = _train_loader(job, job.splits.val, cfg.seed + 1)
+    # The alpha steps' validation batches: test preprocessing (no augmentation), as the authors'
+    # val loader; reshuffled passes ("cycle", fastdpl's) or the same first batch every step ("first").
+    val = make_loader(job.splits.val, job.image_size, cfg.val_batch_size, cfg.seed + 1, job.ranks, train=False,
+                      workers=cfg.workers, shuffle=cfg.val_batches == "cycle")
     if job.ranks.main and start == 0:  # a resumed run keeps the record of what made its checkpoint
         save_yaml(cfg, out / "run.yaml")
     log = RunLog(out, "search", job.ranks.main, start)
     dpl.train()
     for epoch in range(start, cfg.search_epochs):
         train.batch_sampler.set_epoch(epoch)
-        val_batches = cycle_batches(val, epoch)
+        val_batches = cycle_batches(val, epoch) if cfg.val_batches == "cycle" else first_batch(val)
         meter = Meter()
         bar = _progress(train, job, f"search {epoch + 1}/{cfg.search_epochs}")
         for images, labels in bar:
@@ -283,7 +303,8 @@ def run_search(cfg: RunConfig) -> dict:
 
         config.save(out / "prompt_config.json")
         # the supernet, for `fastdpl eval --prompts`; "method" names it in eval results and reports
-        save_atomic({**dpl.prompt_state_dict(), "method": "dpl-supernet", "settings": cfg.to_dict()},
+        save_atomic({**dpl.prompt_state_dict(), "method": "dpl-supernet", "template": job.template,
+                    "settings": cfg.to_dict()},
                     out / "prompts.pt")
         plot_alpha_heatmap(dpl, out / "alpha_heatmap.png")
         plot_alpha_evolution(history, dpl.candidate_lengths, out / "alpha_evolution.png")
@@ -294,7 +315,8 @@ def run_search(cfg: RunConfig) -> dict:
 
 # ---- train --------------------------------------------------------------------------------------------
 def resolve_prompt_config(job: Job) -> tuple[PromptConfig, str]:
-    """(config, method label) from --prompt-config: a JSON file, 'zero_shot' or 'uniform:LENGTH:DEPTH'.
+    """(config, method label) from --prompt-config: a JSON file, 'zero_shot', 'uniform:LENGTH:DEPTH', or
+    the output folder (or an alpha .npy file) of a search run of the authors' code.
 
     Unset: the search stage's prompt_config.json in the same --output.
     """
@@ -312,22 +334,30 @@ def resolve_prompt_config(job: Job) -> tuple[PromptConfig, str]:
         if len(parts) != 3 or not all(p.isdigit() for p in parts[1:]):
             raise ValueError(f"prompt_config {spec!r}: expected uniform:LENGTH:DEPTH, e.g. uniform:4:9")
         return PromptConfig.uniform(int(parts[1]), int(parts[2]), blocks), spec
+    if Path(spec).is_dir() or spec.endswith(".npy"):  # a search run of the authors' code
+        return PromptConfig.from_authors_alpha(spec), "dpl"
     if not Path(spec).is_file():
         raise FileNotFoundError(f"prompt_config: no such file {spec}")
     return PromptConfig.load(spec), "dpl"
 
 
+def teacher_templates(cfg: RunConfig) -> tuple[str, ...]:
+    """The distillation teacher's templates: all of IMAGENET_TEMPLATES ("ensemble", fastdpl's), or only
+    the last ("last": the authors' train stage, which appends one template's features after its loop)."""
+    return IMAGENET_TEMPLATES if cfg.distill_teacher == "ensemble" else IMAGENET_TEMPLATES[-1:]
+
+
 def zero_shot_teacher(job: Job, classnames):
-    """Zero-shot CLIP logits as a function of the images; text features average TEACHER_TEMPLATES."""
-    from ..prompt import _tokenize
+    """Zero-shot CLIP logits as a function of the images; text features average the normalised
+    features of the teacher's templates (CLIP's prompt ensembling)."""
     from ..towers import text_module
 
     model = job.model
     context = text_module(model).positional_embedding.shape[0]
     with torch.no_grad():
-        per_template = [F.normalize(at_least_float32(model.encode_text(_tokenize(classnames, t, None, context)
-                                                                       .to(job.device))), dim=-1)
-                        for t in TEACHER_TEMPLATES]
+        per_template = [F.normalize(at_least_float32(model.encode_text(
+            tokenize_classes(classnames, t, None, context).to(job.device))), dim=-1)
+            for t in teacher_templates(job.cfg)]
         text = F.normalize(torch.stack(per_template).mean(0), dim=-1)
 
     def logits(images):
@@ -354,7 +384,7 @@ def distillation_loss(job: Job, classnames):
 
 def run_train(cfg: RunConfig) -> dict:
     """Train fresh prompts of a fixed configuration (DPL's or a baseline's), then evaluate."""
-    job = prepare(cfg)
+    job = prepare(cfg, "train")
     out = job.out("train")
     config, method = resolve_prompt_config(job)
     dpl = build_dpl(job, job.splits.classnames, "fixed", config)
@@ -385,7 +415,8 @@ def run_train(cfg: RunConfig) -> dict:
             log.epoch(history)
         log.close()
     if job.ranks.main:
-        save_atomic({**dpl.prompt_state_dict(), "method": method, "settings": cfg.to_dict()}, out / "prompts.pt")
+        save_atomic({**dpl.prompt_state_dict(), "method": method, "template": job.template,
+                     "settings": cfg.to_dict()}, out / "prompts.pt")
     return _evaluate_and_write(job, dpl, out, stage="train", method=method)
 
 
@@ -487,7 +518,7 @@ def _evaluate_and_write(job: Job, dpl: FastDPLPrompt, out: Path, stage: str, met
 def _transfer(job: Job, dpl: FastDPLPrompt, state: dict, splits, dataset: str, desc: str, evaluate) -> dict:
     """The learned prompts applied to the test set and class names of ``splits`` (new classes,
     another dataset, a domain shift)."""
-    other = build_dpl(job, splits.classnames, dpl.mode, dpl.config)
+    other = build_dpl(job, splits.classnames, dpl.mode, dpl.config, dataset=dataset)
     other.load_prompt_state_dict(state)
     return evaluate(job, other, splits.test, dataset, desc=desc)
 
@@ -511,9 +542,13 @@ def _load_prompted(job: Job, prompts: str | None):
         raise FileNotFoundError(f"no prompts at {path}: run `fastdpl train` first or pass --prompts FILE")
     state = torch.load(path, map_location="cpu", weights_only=False)
     config = PromptConfig.from_dict(state["config"]) if state.get("config") else None
+    if job.cfg.template == "auto":  # the text input the prompts were trained with
+        job.template = state.get("template") or _training_settings(state, path).get("template") or job.template
+        job.template = job.template if job.template != "auto" else "default"
     dpl = build_dpl(job, job.splits.classnames, state["mode"], config) if state["mode"] == "fixed" else \
         FastDPLPrompt(job.model, job.splits.classnames, mode="search", candidate_lengths=state["candidate_lengths"],
-                      towers=state["towers"], template=job.cfg.template, impl=job.cfg.impl)
+                      towers=state["towers"], template=resolve_template(job.template, job.cfg.dataset),
+                      impl=job.cfg.impl)
     dpl.load_prompt_state_dict(state)
     # the method label is the same for every seed; the training settings describe the experiment
     return dpl, state.get("method", "prompts"), str(path), _training_settings(state, path)
@@ -533,7 +568,7 @@ def _training_settings(state: dict, path: Path) -> dict:
 
 def run_eval(cfg: RunConfig, prompts: str | None = None, stage: str = "eval") -> dict:
     """Evaluate saved prompts (default: the train stage's) on the test set and --eval-datasets."""
-    job = prepare(cfg)
+    job = prepare(cfg, "eval")
     dpl, method, path, trained = _load_prompted(job, prompts)
     return _evaluate_and_write(job, dpl, job.out(stage), stage=stage, method=method,
                                extra={"prompts": path, "trained": trained}, default_prompts=_default_prompts(job))
@@ -541,7 +576,7 @@ def run_eval(cfg: RunConfig, prompts: str | None = None, stage: str = "eval") ->
 
 def run_zeroshot(cfg: RunConfig) -> dict:
     """CLIP with the class template and no prompts (the same code path with a zero-length configuration)."""
-    job = prepare(cfg)
+    job = prepare(cfg, "zeroshot")
     blocks = block_counts(job.model)
     dpl = build_dpl(job, job.splits.classnames, "fixed", PromptConfig.zero_shot(blocks))
     return _evaluate_and_write(job, dpl, job.out("zeroshot"), stage="zeroshot", method="zero_shot")
@@ -587,7 +622,7 @@ def tpt_accuracy(job: Job, dpl: FastDPLPrompt, samples, dataset: str, desc="tpt"
 
 def run_tpt(cfg: RunConfig, prompts: str | None = None) -> dict:
     """TPT on the test sets: zero-shot CLIP with a learnable context, or saved fixed-mode DPL prompts."""
-    job = prepare(cfg)
+    job = prepare(cfg, "tpt")
     if prompts:
         dpl, method, path, trained = _load_prompted(job, prompts)
         if dpl.mode != "fixed":
