@@ -118,3 +118,58 @@ def literal_tpt_predict(tuner, views: torch.Tensor) -> torch.Tensor:
         optimizer.step()
     with torch.no_grad():
         return logits_of(views[:1])[0]
+
+
+def _literal_context_prompts(method, ctx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """CoOp's class prompts as its reference code builds them: the token embeddings of
+    "X ... X <name>." split into the start token, the context's slots and the rest; the class
+    name moved in front of or amid the context (``class_token_position``). ctx (n, W) or (C, n, W).
+    Returns (C, 77, W) embeddings and the token ids (whose argmax is the end-of-text position)."""
+    import open_clip
+
+    model, n = method.model, method.n_ctx
+    names = [c.replace("_", " ") for c in method.classnames]
+    tokens = open_clip.tokenize([" ".join(["X"] * n) + f" {name}." for name in names],
+                                context_length=text_module(model).positional_embedding.shape[0])
+    embedded = text_module(model).token_embedding(tokens.to(ctx.device))
+    prefix, suffix = embedded[:, :1], embedded[:, 1 + n:]
+    ctx = ctx.expand(len(names), *ctx.shape[-2:]) if ctx.dim() == 2 else ctx
+    prompts = []
+    for i, name in enumerate(names):
+        name_len = int(open_clip.tokenize([name])[0].argmax()) - 1
+        name_tokens, rest = suffix[i, :name_len], suffix[i, name_len:]
+        if method.class_token_position == "end":
+            parts = [ctx[i], name_tokens, rest]
+        elif method.class_token_position == "front":
+            parts = [name_tokens, ctx[i], rest]
+        else:
+            parts = [ctx[i, :n // 2], name_tokens, ctx[i, n // 2:], rest]
+        prompts.append(torch.cat([prefix[i], *[p.to(prefix.dtype) for p in parts]]))
+    return torch.stack(prompts), tokens
+
+
+def _literal_text_features(model, prompts: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """open_clip's text transformer over all positions (its causal mask), then its final norm and
+    projection at the end-of-text tokens."""
+    text = text_module(model)
+    x = prompts + text.positional_embedding.to(prompts.dtype)
+    x = text.ln_final(text.transformer(x, attn_mask=text.attn_mask))
+    return x[torch.arange(x.shape[0]), tokens.argmax(-1)] @ text.text_projection
+
+
+def literal_context_logits(method, images: torch.Tensor) -> torch.Tensor:
+    """CoOp or CoCoOp logits as their reference code computes them: open_clip's own image encoder;
+    for CoCoOp a loop over the images, each with its C prompts (context + meta_net(normalised
+    feature)) through the full, untruncated text transformer."""
+    model = method.model
+    image_features = F.normalize(model.encode_image(images), dim=-1)
+    scale = model.logit_scale.exp()
+    if method.method == "coop":
+        text = F.normalize(_literal_text_features(model, *_literal_context_prompts(method, method.ctx)), dim=-1)
+        return scale * image_features @ text.T
+    bias = method.meta_net(image_features)
+    logits = []
+    for feature, shift in zip(image_features, bias):
+        text = _literal_text_features(model, *_literal_context_prompts(method, method.ctx + shift))
+        logits.append(scale * feature @ F.normalize(text, dim=-1).T)
+    return torch.stack(logits)

@@ -286,10 +286,24 @@ class FastDPLPrompt(nn.Module):
             return self._ensemble_embeddings[classes, :length]
         return text_module(self.model).token_embedding(self.class_tokens[classes, :length])
 
-    def _encode_text_chunk(self, embeddings, end_of_text, block_inputs, context=None):
-        """Text features of the token ``embeddings`` (B, L, W); ``context`` replaces the template's
-        leading words (see text_embeddings)."""
-        x = text_embeddings(self.model, embeddings, context)
+    def text_length(self, classes: slice = slice(None)) -> int:
+        """Positions the text tower runs for ``classes``: up to the longest end-of-text token (causal
+        attention: later positions never reach it), or all of them with that saving off."""
+        if "truncate_text" not in self._savings:
+            return self.class_tokens.shape[1]
+        return max(self._end_of_text_list[classes]) + 1
+
+    def text_block_inputs(self, skip=()):
+        """The text tower's per-block prompt inputs for encode_text_embeddings (prompts projected once)."""
+        return self._block_inputs("text", text_module(self.model).token_embedding.weight.dtype, skip=skip)
+
+    def encode_text_embeddings(self, embeddings: torch.Tensor, end_of_text: torch.Tensor,
+                               block_inputs=None) -> torch.Tensor:
+        """Text features (S, E) of S token-embedding sequences (S, L, W) (before positions), read at
+        ``end_of_text`` (S,): the text tower with this module's prompts (``block_inputs``, default
+        text_block_inputs()) and its savings (the last block computes the end-of-text rows only)."""
+        block_inputs = self.text_block_inputs() if block_inputs is None else block_inputs
+        x = text_embeddings(self.model, embeddings)
         blocks = self._parts["text"].blocks
         for b, (block, (kv, lengths, weights)) in enumerate(zip(blocks, block_inputs)):
             name = f"fastdpl/text/block{b}"
@@ -300,6 +314,17 @@ class FastDPLPrompt(nn.Module):
             x = x[torch.arange(x.shape[0], device=x.device), end_of_text].unsqueeze(1)
         return text_head(self.model, x[:, 0])
 
+    def chunked_text(self, count: int, encode: Callable[[int, int], torch.Tensor]) -> torch.Tensor:
+        """``encode(lo, hi)`` over [0, count) in chunks of ``text_chunk_size`` (all at once when None),
+        each chunk recomputed in the backward (activation checkpointing) when gradients are on."""
+        chunk = self.text_chunk_size or count
+        if chunk >= count:
+            return encode(0, count)
+        checkpointed = torch.is_grad_enabled()
+        features = [checkpoint(encode, lo, min(lo + chunk, count), use_reentrant=False) if checkpointed
+                    else encode(lo, min(lo + chunk, count)) for lo in range(0, count, chunk)]
+        return torch.cat(features)
+
     def encode_text(self, classes: slice | None = None) -> torch.Tensor:
         """Text features of the class texts (num_classes, embed_dim), unnormalised.
 
@@ -308,11 +333,7 @@ class FastDPLPrompt(nn.Module):
         Cached in eval mode when nothing in the text tower needs a gradient (the cache
         follows in-place updates of the text prompts and logits).
         """
-        if classes is not None and (not isinstance(classes, slice) or classes.step not in (None, 1)):
-            raise ValueError(f"classes must be a contiguous slice, got {classes!r}")
-        lo, hi, _ = (classes or slice(None)).indices(self.num_classes)
-        if hi <= lo:
-            raise ValueError(f"classes={classes!r} selects no class of {self.num_classes}")
+        lo, hi = self._class_range(classes)
         trainables = self._text_trainables()
         cacheable = (not self.training and not torch.compiler.is_compiling()
                      and not (torch.is_grad_enabled() and any(p.requires_grad for p in trainables)))
@@ -320,26 +341,25 @@ class FastDPLPrompt(nn.Module):
             key = (self.impl, lo, hi, self.class_tokens.device, tuple((id(p), p._version) for p in trainables))
             if self._text_cache is not None and self._text_cache[0] == key:
                 return self._text_cache[1]
-        dtype = text_module(self.model).token_embedding.weight.dtype
-        block_inputs = self._block_inputs("text", dtype)
-        chunk = self.text_chunk_size or (hi - lo)
-        features = []
-        for start in range(lo, hi, chunk):
-            stop = min(start + chunk, hi)
-            eot = self.end_of_text[start:stop]
-            length = max(self._end_of_text_list[start:stop]) + 1  # truncate per chunk
-            if "truncate_text" not in self._savings:
-                length = self.class_tokens.shape[1]
-            embeddings = self.token_embeddings(slice(start, stop), length)
-            if self.text_chunk_size is not None and torch.is_grad_enabled():
-                features.append(checkpoint(self._encode_text_chunk, embeddings, eot, block_inputs,
-                                           use_reentrant=False))
-            else:
-                features.append(self._encode_text_chunk(embeddings, eot, block_inputs))
-        features = torch.cat(features) if len(features) > 1 else features[0]
+        block_inputs = self.text_block_inputs()
+
+        def encode(start, stop):  # classes lo + start .. lo + stop, truncated per chunk
+            classes = slice(lo + start, lo + stop)
+            embeddings = self.token_embeddings(classes, self.text_length(classes))
+            return self.encode_text_embeddings(embeddings, self.end_of_text[classes], block_inputs)
+
+        features = self.chunked_text(hi - lo, encode)
         if cacheable:
             self._text_cache = (key, features.detach())
         return features
+
+    def _class_range(self, classes: slice | None) -> tuple[int, int]:
+        if classes is not None and (not isinstance(classes, slice) or classes.step not in (None, 1)):
+            raise ValueError(f"classes must be a contiguous slice, got {classes!r}")
+        lo, hi, _ = (classes or slice(None)).indices(self.num_classes)
+        if hi <= lo:
+            raise ValueError(f"classes={classes!r} selects no class of {self.num_classes}")
+        return lo, hi
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """CLIP logits (B, num_classes): logit_scale * cos(image feature, class text feature)."""

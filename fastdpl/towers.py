@@ -128,16 +128,21 @@ def image_head(visual: nn.Module, class_token: torch.Tensor) -> torch.Tensor:
     return pooled @ visual.proj if visual.proj is not None else pooled
 
 
-def text_embeddings(model: nn.Module, embeddings: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
-    """Token embeddings (B, L, W) plus positional embeddings. ``context`` (n, W) or (B, n, W),
-    CoOp-style, replaces the embeddings of tokens 1..n (the template's leading words) first."""
-    text = text_module(model)
-    x = embeddings
-    if context is not None:
-        n = context.shape[-2]
-        context = context.to(x.dtype).expand(x.shape[0], n, x.shape[-1])
-        x = torch.cat([x[:, :1], context, x[:, 1 + n:]], dim=1)
-    return x + text.positional_embedding[: x.shape[1]].to(x.dtype)
+def text_embeddings(model: nn.Module, embeddings: torch.Tensor) -> torch.Tensor:
+    """Token embeddings (B, L, W) plus the first L positional embeddings."""
+    return embeddings + text_module(model).positional_embedding[: embeddings.shape[1]].to(embeddings.dtype)
+
+
+def place_context(embeddings: torch.Tensor, context: torch.Tensor, slots: torch.Tensor | None = None) -> torch.Tensor:
+    """CoOp-style learnable context in the token embeddings (S, L, W): ``context`` (n, W) for every
+    sequence or (S, n, W) one per sequence, at positions 1..n (``slots`` None: the template's
+    leading words) or at ``slots`` (S, n) (a class token in front of or amid the context)."""
+    sequences, _, width = embeddings.shape
+    context = context.to(embeddings.dtype).expand(sequences, context.shape[-2], width)
+    if slots is None:
+        return torch.cat([embeddings[:, :1], context, embeddings[:, 1 + context.shape[1]:]], dim=1)
+    index = slots.unsqueeze(-1).expand(-1, -1, width)
+    return embeddings.scatter(1, index, context)
 
 
 def text_head(model: nn.Module, eot_features: torch.Tensor) -> torch.Tensor:

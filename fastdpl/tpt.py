@@ -34,7 +34,7 @@ from .data.augmix import SEVERITY, augmix
 from .dtypes import at_least_float32
 from .profiling import nvtx_range
 from .prompt import FastDPLPrompt
-from .towers import project_prompts, text_module
+from .towers import place_context, project_prompts, text_module
 
 TUNE = ("auto", "context", "text_prompts")
 
@@ -180,7 +180,7 @@ class TestTimePromptTuner:
             context = context.repeat_interleave(classes, 0)
         blocks = dpl._parts["text"].blocks
         dtype = text_module(dpl.model).token_embedding.weight.dtype
-        inputs = dpl._block_inputs("text", dtype, skip=set(tuned))
+        inputs = dpl.text_block_inputs(skip=set(tuned))
         for b, block in enumerate(blocks):
             if b in tuned:
                 if groups == 1:  # one prompt for every class: the fused op
@@ -190,7 +190,9 @@ class TestTimePromptTuner:
                     kv = (pk.repeat_interleave(classes, 0), pv.repeat_interleave(classes, 0))
                 inputs[b] = (kv, (tuned[b].shape[1],), dpl._one)
         embeddings = dpl.token_embeddings(length=self.length).repeat(groups, 1, 1)
-        features = dpl._encode_text_chunk(embeddings, dpl.end_of_text.repeat(groups), inputs, context)
+        if context is not None:
+            embeddings = place_context(embeddings, context)
+        features = dpl.encode_text_embeddings(embeddings, dpl.end_of_text.repeat(groups), inputs)
         return features.view(groups, classes, -1)
 
     def _logits(self, image_features: torch.Tensor, text_features: torch.Tensor) -> torch.Tensor:

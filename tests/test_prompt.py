@@ -259,8 +259,8 @@ def test_text_features_cached_in_eval_without_grad(monkeypatch):
     import fastdpl.prompt as prompt_module
 
     calls = []
-    real = prompt_module.FastDPLPrompt._encode_text_chunk
-    monkeypatch.setattr(prompt_module.FastDPLPrompt, "_encode_text_chunk",
+    real = prompt_module.FastDPLPrompt.encode_text_embeddings
+    monkeypatch.setattr(prompt_module.FastDPLPrompt, "encode_text_embeddings",
                         lambda self, *a: calls.append(1) or real(self, *a))
     dpl = FastDPLPrompt(tiny_clip(), CLASSNAMES, impl="eager").eval()
     with torch.no_grad():

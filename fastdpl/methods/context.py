@@ -1,0 +1,296 @@
+"""CoOp and CoCoOp: learnable context vectors at the text input of a frozen CLIP.
+
+CoOp (Zhou et al., IJCV 2022) learns n context vectors that take the place of the
+template's words: the class text is [SOS, ctx_1..ctx_n, class name, ".", EOT] (class
+token at the ``end``; ``front`` puts the name first, ``middle`` between the halves
+of the context). The context is shared by all classes, or one per class
+(``class_specific``). It starts from the embeddings of words (``ctx_init``, e.g.
+"a photo of a": then the first forward is zero-shot CLIP with that template) or
+from N(0, 0.02^2).
+
+CoCoOp (Zhou et al., CVPR 2022) conditions the context on each image: a meta-network
+(Linear -> ReLU -> Linear, image feature width -> width/16 -> text width) maps the
+image's normalised feature to a bias added to every context vector, so every image
+has its own C class texts: B x C sequences through the text tower per step.
+
+How it runs (same results as the literal per-image loop, fastdpl.literal): the
+frozen CLIP runs through a FastDPLPrompt with no prompts, so the text tower stops
+at the longest end-of-text token and its last block computes only the end-of-text
+rows; the class-text token embeddings are looked up once per step and the B x C
+sequences of CoCoOp go through the tower in batched passes, in checkpointed chunks
+of ``text_chunk_size`` sequences when memory asks for it.
+"""
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..config import PromptConfig
+from ..prompt import FastDPLPrompt
+from ..towers import image_parts, place_context, text_module, text_parts
+
+POSITIONS = ("end", "middle", "front")
+STATE_FORMAT = "fastdpl-context-v1"
+PLACEHOLDER = "X"  # a one-token word that holds a context slot in the token ids (its embedding is replaced)
+
+
+def _bpe_length(text: str) -> int:
+    import open_clip
+
+    ids = open_clip.tokenize([text])[0]
+    return int(ids.argmax()) - 1  # tokens between start- and end-of-text
+
+
+class CoOpPrompt(nn.Module):
+    """CoOp around an open_clip CLIP.
+
+    Args:
+        model: an open_clip CLIP (frozen, never copied).
+        classnames: the class names (underscores become spaces).
+        n_ctx: number of context vectors (ignored when ``ctx_init`` gives words: one per token).
+        ctx_init: words whose embeddings initialise the context (e.g. "a photo of a"), or None for
+            N(0, 0.02^2).
+        class_specific: one context per class instead of one shared by all.
+        class_token_position: "end", "middle" or "front".
+        impl, text_chunk_size: as FastDPLPrompt (the attention engine; checkpointed text chunks).
+        generator: torch.Generator for the random initial context.
+    """
+
+    method = "coop"
+    image_conditioned = False  # text features depend on the classes only: computed once per batch
+
+    def __init__(self, model: nn.Module, classnames: Sequence[str], *, n_ctx: int = 16, ctx_init: str | None = None,
+                 class_specific: bool = False, class_token_position: str = "end", impl: str = "auto",
+                 text_chunk_size: int | None = None, generator: torch.Generator | None = None):
+        super().__init__()
+        if class_token_position not in POSITIONS:
+            raise ValueError(f"class_token_position must be one of {POSITIONS}, got {class_token_position!r}")
+        if ctx_init is not None and (not isinstance(ctx_init, str) or not ctx_init.strip()):
+            raise ValueError(f"ctx_init must be words such as 'a photo of a' or None, got {ctx_init!r}")
+        if ctx_init is None and (isinstance(n_ctx, bool) or not isinstance(n_ctx, int) or n_ctx < 1):
+            raise ValueError(f"n_ctx must be a positive int, got {n_ctx!r}")
+        image_parts(model), text_parts(model)  # refuse unsupported towers before any work
+        if ctx_init is not None:
+            ctx_init = ctx_init.replace("_", " ").strip()
+            n_ctx = _bpe_length(ctx_init)
+        self.n_ctx, self.ctx_init = n_ctx, ctx_init
+        self.class_specific, self.class_token_position = bool(class_specific), class_token_position
+        names = FastDPLPrompt._check_classnames(classnames)
+        tokens, slots = self._arrange(names, text_module(model).positional_embedding.shape[0])
+        blocks = {"image": len(image_parts(model).blocks), "text": len(text_parts(model).blocks)}
+        # The frozen CLIP as fastdpl runs it: no prompts; the class texts are the arranged token ids.
+        self.clip = FastDPLPrompt(model, names, mode="fixed", config=PromptConfig.zero_shot(blocks), template="{}",
+                                  tokenizer=lambda texts: tokens, impl=impl, text_chunk_size=text_chunk_size)
+        self.register_buffer("slots", slots, persistent=False)
+        self.ctx = nn.Parameter(self._initial_context(len(names), generator))
+        self.to(next(model.parameters()).device)
+
+    # ---- construction --------------------------------------------------------------------------------
+    def _arrange(self, names, context_length: int):
+        """Token ids of [SOS, placeholders and class name in the chosen order, ".", EOT] per class, and
+        the positions (C, n) of the context slots (None when they are 1..n for every class)."""
+        import open_clip
+
+        n, half = self.n_ctx, self.n_ctx // 2
+        filler = lambda k: " ".join([PLACEHOLDER] * k)  # noqa: E731
+        texts, slots, lengths = [], [], []
+        for name in names:
+            name = name.replace("_", " ")
+            length = _bpe_length(name)
+            lengths.append(length)
+            if self.class_token_position == "end":
+                texts.append(f"{filler(n)} {name}.")
+                slots.append(list(range(1, 1 + n)))
+            elif self.class_token_position == "front":
+                texts.append(f"{name} {filler(n)}.")
+                slots.append([1 + length + j for j in range(n)])
+            else:
+                texts.append(f"{filler(half)} {name} {filler(n - half)}.".strip())
+                slots.append([1 + j for j in range(half)] + [1 + length + j for j in range(half, n)])
+        tokens = open_clip.tokenize(texts, context_length=context_length)
+        slots = torch.tensor(slots, dtype=torch.long)
+        placeholder = open_clip.tokenize([PLACEHOLDER])[0, 1]
+        # [SOS] + n context + name + "." + [EOT]: the end-of-text token must survive the context length
+        fits = tokens.argmax(-1) == torch.tensor(lengths) + n + 2
+        if not fits.all() or not (torch.gather(tokens, 1, slots) == placeholder).all():
+            bad = names[int((~fits).nonzero()[0])] if not fits.all() else names[0]
+            raise ValueError(f"class text of {bad!r} with {n} context tokens does not fit the text tower's "
+                             f"{context_length} positions")
+        return tokens, None if self.class_token_position == "end" else slots
+
+    def _initial_context(self, num_classes: int, generator) -> torch.Tensor:
+        embedding = text_module(self.clip.model).token_embedding
+        shape = (num_classes, self.n_ctx) if self.class_specific else (self.n_ctx,)
+        if self.ctx_init is None:
+            generator = generator if generator is not None else torch.Generator().manual_seed(0)
+            return 0.02 * torch.randn(*shape, embedding.weight.shape[1], generator=generator)
+        import open_clip
+
+        ids = open_clip.tokenize([self.ctx_init])[0, 1:1 + self.n_ctx].to(embedding.weight.device)
+        with torch.no_grad():
+            words = embedding(ids).detach().float().cpu()
+        return words.expand(*shape, -1).clone()
+
+    # ---- the interface every method shares ------------------------------------------------------------
+    @property
+    def model(self) -> nn.Module:
+        return self.clip.model
+
+    @property
+    def classnames(self) -> list:
+        return self.clip.classnames
+
+    @property
+    def num_classes(self) -> int:
+        return self.clip.num_classes
+
+    def parameter_groups(self) -> dict:
+        """{group name: parameters}: one SGD group, the context."""
+        return {"prompt": [self.ctx]}
+
+    def encode_image(self, images: torch.Tensor) -> torch.Tensor:
+        return self.clip.encode_image(images)
+
+    def logits(self, image_features: torch.Tensor, text_features: torch.Tensor) -> torch.Tensor:
+        return self.clip.logits(image_features, text_features)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.logits(self.encode_image(images), self.encode_text())
+
+    # ---- text ----------------------------------------------------------------------------------------
+    def _class_embeddings(self) -> tuple[torch.Tensor, int]:
+        """The class texts' token embeddings (C, L, W), looked up once per call, truncated after the
+        longest end-of-text token (causal attention: later positions never reach it)."""
+        clip = self.clip
+        length = clip.text_length()
+        return text_module(clip.model).token_embedding(clip.class_tokens[:, :length]), length
+
+    def _encode_sequences(self, embeddings, classes: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        """Text features of S sequences: class ``classes`` (S,) under ``context`` (S, n, W)."""
+        slots = None if self.slots is None else self.slots[classes]
+        return self.clip.encode_text_embeddings(place_context(embeddings[classes], context, slots),
+                                                self.clip.end_of_text[classes])
+
+    def encode_text_with_context(self, context: torch.Tensor) -> torch.Tensor:
+        """Text features (G, C, E) of every class under each of G contexts: ``context`` (G, n, W)
+        (one per image, e.g. CoCoOp or TPT), or (G, C, n, W) (class-specific). The class
+        embeddings are looked up once; the G x C sequences run as batched, truncated passes (in
+        chunks of ``text_chunk_size`` sequences)."""
+        groups, classes = context.shape[0], self.num_classes
+        if context.dim() == 3:
+            context = context.unsqueeze(1).expand(groups, classes, *context.shape[1:])
+        context = context.reshape(groups * classes, *context.shape[2:])
+        embeddings, _ = self._class_embeddings()
+        class_of = torch.arange(classes, device=embeddings.device).repeat(groups)
+        features = self.clip.chunked_text(groups * classes, lambda lo, hi: self._encode_sequences(
+            embeddings, class_of[lo:hi], context[lo:hi]))
+        return features.view(groups, classes, -1)
+
+    def encode_text(self, classes: slice | None = None) -> torch.Tensor:
+        """Text features (classes, E) with the learned context (a contiguous slice of the classes:
+        one rank's share under torchrun)."""
+        lo, hi = self.clip._class_range(classes)
+        context = self.ctx[lo:hi] if self.class_specific else self.ctx.expand(hi - lo, *self.ctx.shape)
+        embeddings, _ = self._class_embeddings()
+        order = torch.arange(lo, hi, device=embeddings.device)
+        return self.clip.chunked_text(hi - lo, lambda a, b: self._encode_sequences(
+            embeddings, order[a:b], context[a:b]))
+
+    # ---- state ---------------------------------------------------------------------------------------
+    def settings(self) -> dict:
+        """What rebuilds this module around a backbone and class names (saved with its state)."""
+        return {"method": self.method, "n_ctx": self.n_ctx, "ctx_init": self.ctx_init,
+                "class_specific": self.class_specific, "class_token_position": self.class_token_position}
+
+    def prompt_state_dict(self) -> dict:
+        return {"format": STATE_FORMAT, "settings": self.settings(), "backbone": self.clip.backbone_signature(),
+                "num_classes": self.num_classes if self.class_specific else None,
+                "tensors": {k: v.detach().clone() for k, v in self._learned_tensors().items()}}
+
+    def _learned_tensors(self) -> dict:
+        return {"ctx": self.ctx}
+
+    def load_prompt_state_dict(self, state: dict) -> None:
+        """Load what prompt_state_dict saved; any mismatch is a ValueError naming it."""
+        if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
+            raise ValueError(f"not a fastdpl context-prompt state (format {STATE_FORMAT!r})")
+        if state["settings"] != self.settings():
+            raise ValueError(f"settings mismatch: saved {state['settings']}, this module has {self.settings()}")
+        if state["backbone"] != self.clip.backbone_signature():
+            raise ValueError(f"backbone mismatch: the context was saved for {state['backbone']}, "
+                             f"this model is {self.clip.backbone_signature()}")
+        mine = self._learned_tensors()
+        if set(state["tensors"]) != set(mine):
+            raise ValueError(f"saved tensors {sorted(state['tensors'])} != {sorted(mine)}")
+        for key, value in state["tensors"].items():
+            if tuple(value.shape) != tuple(mine[key].shape):
+                extra = " (class-specific contexts need the same classes)" if key == "ctx" else ""
+                raise ValueError(f"{key}: saved shape {tuple(value.shape)} != {tuple(mine[key].shape)}{extra}")
+        with torch.no_grad():
+            for key, value in state["tensors"].items():
+                mine[key].copy_(value)
+
+    def extra_repr(self) -> str:
+        return (f"n_ctx={self.n_ctx}, ctx_init={self.ctx_init!r}, class_specific={self.class_specific}, "
+                f"class_token_position={self.class_token_position!r}, classes={self.num_classes}")
+
+
+class CoCoOpPrompt(CoOpPrompt):
+    """CoCoOp: CoOp's shared context plus an image-conditioned bias from a small meta-network.
+
+    Args as CoOpPrompt (a shared context only: ``class_specific`` is refused), and ``generator``
+    also draws the meta-network's initial weights (PyTorch's default Linear initialisation).
+    ``forward(images)`` gives (B, C) logits; each image's text features use its own context.
+    """
+
+    method = "cocoop"
+    image_conditioned = True  # every image has its own class texts
+
+    def __init__(self, model: nn.Module, classnames: Sequence[str], *, n_ctx: int = 4,
+                 ctx_init: str | None = "a photo of a", class_token_position: str = "end", impl: str = "auto",
+                 text_chunk_size: int | None = None, generator: torch.Generator | None = None,
+                 class_specific: bool = False):
+        if class_specific:
+            raise ValueError("CoCoOp has one context shared by all classes: class_specific is not supported")
+        super().__init__(model, classnames, n_ctx=n_ctx, ctx_init=ctx_init, class_token_position=class_token_position,
+                         impl=impl, text_chunk_size=text_chunk_size, generator=generator)
+        features = model.visual.output_dim  # the image feature's width
+        width = self.ctx.shape[-1]
+        seed = int(torch.randint(2**62, (1,), generator=generator).item()) if generator is not None else 0
+        with torch.random.fork_rng(devices=[]):  # nn.Linear draws from the global RNG; the caller's is kept
+            torch.manual_seed(seed)
+            self.meta_net = nn.Sequential(OrderedDict([
+                ("linear1", nn.Linear(features, features // 16)), ("relu", nn.ReLU()),
+                ("linear2", nn.Linear(features // 16, width))]))
+        self.meta_net.to(self.ctx.device)
+
+    def parameter_groups(self) -> dict:
+        return {"prompt": [self.ctx, *self.meta_net.parameters()]}
+
+    def image_context(self, image_features: torch.Tensor) -> torch.Tensor:
+        """Each image's context (B, n, W): the shared context plus meta_net(normalised feature)."""
+        bias = self.meta_net(F.normalize(image_features, dim=-1).to(self.ctx.dtype))
+        return self.ctx.unsqueeze(0) + bias.unsqueeze(1)
+
+    def logits_with_context(self, image_features: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        """(B, C) logits of B images, image b against the class texts under context[b] (B, n, W)."""
+        text = F.normalize(self.encode_text_with_context(context), dim=-1)
+        model = self.model
+        logits = model.logit_scale.exp() * torch.einsum("be,bce->bc", F.normalize(image_features, dim=-1), text)
+        bias = getattr(model, "logit_bias", None)
+        return logits + bias if bias is not None else logits
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        image_features = self.encode_image(images)
+        return self.logits_with_context(image_features, self.image_context(image_features))
+
+    def encode_text(self, classes: slice | None = None) -> torch.Tensor:
+        raise ValueError("CoCoOp's class texts depend on the image: use forward(images) or "
+                         "logits_with_context(image_features, image_context(image_features))")
+
+    def _learned_tensors(self) -> dict:
+        return {"ctx": self.ctx, **{f"meta_net.{k}": v for k, v in self.meta_net.named_parameters()}}
