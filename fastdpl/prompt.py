@@ -74,6 +74,8 @@ class FastDPLPrompt(nn.Module):
         generator: torch.Generator for the initial prompts and arch logits.
     """
 
+    image_conditioned = False  # the class texts do not depend on the image (fastdpl.methods' interface)
+
     def __init__(self, model: nn.Module, classnames: Sequence[str], *, mode: str = "search",
                  candidate_lengths: Sequence[int] = range(7), config: PromptConfig | None = None,
                  template: str | Sequence[str] = "a photo of a {}.", towers: Sequence[str] = TOWERS, impl: str = "auto",
@@ -209,6 +211,10 @@ class FastDPLPrompt(nn.Module):
 
     def prompt_parameters(self) -> list[nn.Parameter]:
         return list(self.prompts.values())
+
+    def parameter_groups(self) -> dict:
+        """{group: parameters}: "prompt" (SGD on training batches) and, in search mode, "arch" (alpha)."""
+        return {"prompt": self.prompt_parameters(), **({"arch": self.arch_parameters()} if self.arch_logits else {})}
 
     def derive_config(self) -> PromptConfig:
         """argmax of the architecture logits per block; towers without prompts get zeros."""

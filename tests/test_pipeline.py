@@ -15,7 +15,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fastdpl.pipeline import stages
+from fastdpl.pipeline import evaluation, stages, training
 from fastdpl.pipeline.config import RunConfig, add_config_arguments, resolve_config
 from fastdpl.pipeline.demo import demo_config
 from helpers import assert_matches
@@ -83,9 +83,9 @@ def test_library_builders_leave_the_global_rng_alone():
 
 def test_lr_schedule_warmup_then_cosine():
     cfg = RunConfig(lr=0.1, warmup_lr=1e-5, warmup_epochs=1)
-    assert stages.lr_factor(0, cfg, 10) * cfg.lr == pytest.approx(1e-5)
-    assert stages.lr_factor(1, cfg, 10) == pytest.approx(1.0)
-    assert stages.lr_factor(6, cfg, 10) == pytest.approx(0.5 * (1 + math.cos(math.pi * 5 / 10)))
+    assert training.lr_factor(0, cfg, 10) * cfg.lr == pytest.approx(1e-5)
+    assert training.lr_factor(1, cfg, 10) == pytest.approx(1.0)
+    assert training.lr_factor(6, cfg, 10) == pytest.approx(0.5 * (1 + math.cos(math.pi * 5 / 10)))
 
 
 # ---- stages ----------------------------------------------------------------------------------------------
@@ -110,7 +110,7 @@ def test_arch_step_computes_only_alpha_gradients(tmp_path):
     assert expected and set(expected) == set(start)
     arch_opt = torch.optim.Adam(dpl.arch_parameters(), lr=0.1)
     dpl.zero_grad(set_to_none=True)
-    stages._arch_step(net, arch_opt, images, labels, job)
+    training.arch_step(net, arch_opt, images, labels, job)
     assert all(p.grad is None for p in dpl.prompt_parameters())
     # The same Adam step taken on copies of alpha with the full backward's gradients.
     copies = {name: torch.nn.Parameter(start[name].clone()) for name in start}
@@ -170,7 +170,7 @@ def test_accuracy_per_class_against_a_direct_count(tmp_path):
     job = stages.prepare(cfg)
     dpl = stages.build_dpl(job, job.splits.classnames, "fixed", stages.PromptConfig.uniform(1, 4, 4))
     samples = job.splits.test[::7]
-    result = stages.accuracy(job, dpl, samples)
+    result = evaluation.accuracy(job, dpl, samples)
     transform = __import__("fastdpl.data.images", fromlist=["x"]).clip_transform(32, train=False)
     from fastdpl.data import open_image
 
@@ -220,7 +220,7 @@ def test_grad_clip_bounds_the_step(tmp_path):
     before = [p.detach().clone() for p in dpl.prompt_parameters()]
     optimizer = torch.optim.SGD(dpl.prompt_parameters(), lr=1.0)
     images, labels = torch.randn(4, 3, 32, 32), torch.arange(4)
-    stages._loss_step(dpl, optimizer, images, labels, job)
+    training.loss_step(dpl, optimizer, images, labels, job)
     step = torch.cat([(p.detach() - b).flatten() for p, b in zip(dpl.prompt_parameters(), before)])
     assert step.norm().item() == pytest.approx(1e-3, rel=1e-3)  # lr 1: the step is the clipped gradient
 
@@ -619,11 +619,11 @@ def test_progress_bars_show_the_batches_seen_and_no_loss_when_evaluating():
 
     logits = torch.tensor([[2.0, 0.0], [0.0, 3.0], [1.0, 0.0]])
     labels = torch.tensor([0, 1, 1])
-    train, bar = stages.Meter(), Bar()
+    train, bar = training.Meter(), Bar()
     train.update(torch.tensor(0.5), logits, labels)
     train.show(bar, Dist())
     assert bar.shown["loss"] == "0.500" and bar.shown["acc"] == "66.7"
-    evaluation, bar = stages.Meter(), Bar()
+    evaluation, bar = training.Meter(), Bar()
     evaluation.update(torch.zeros(()), logits, labels)
     evaluation.show(bar, Dist(), loss=False)
     assert "loss" not in bar.shown and bar.shown["acc"] == "66.7"

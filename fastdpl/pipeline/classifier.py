@@ -1,4 +1,5 @@
-"""The trainable classifier the stages optimise, with the class texts split across ranks.
+"""The trainable classifier the stages optimise, with the class texts split across ranks (any
+method whose class texts do not depend on the image: DPL, deep prompts, CoOp).
 
 Under torchrun every rank encodes the image batch it holds and only its share
 of the class texts (balanced: rank r takes classes floor(rC/W) .. floor((r+1)C/W),
@@ -16,7 +17,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..prompt import FastDPLPrompt
 from .runtime import Dist
 
 
@@ -26,7 +26,7 @@ def class_shares(num_classes: int, world: int) -> list[tuple[int, int]]:
 
 
 class ShardedTextClassifier(nn.Module):
-    def __init__(self, dpl: FastDPLPrompt, ranks: Dist):
+    def __init__(self, dpl, ranks: Dist):
         super().__init__()
         if ranks.world > dpl.num_classes:
             raise ValueError(f"{ranks.world} ranks but only {dpl.num_classes} classes: every rank needs at "
@@ -50,9 +50,11 @@ class ShardedTextClassifier(nn.Module):
         return self.dpl.logits(self.dpl.encode_image(images), self.text_features())
 
 
-def wrap(dpl: FastDPLPrompt, ranks: Dist, device: str) -> nn.Module:
-    """The module to call in training: DDP around the sharded classifier under torchrun, else the classifier."""
-    net = ShardedTextClassifier(dpl, ranks)
+def wrap(module, ranks: Dist, device: str) -> nn.Module:
+    """The module to call in training: DDP around the sharded classifier under torchrun, else the
+    classifier. A method whose class texts depend on the image (CoCoOp) is not sharded: each rank
+    runs its own images' B x C texts, and DDP averages the gradients."""
+    net = module if getattr(module, "image_conditioned", False) else ShardedTextClassifier(module, ranks)
     if not ranks.enabled:
         return net
     device_ids = [torch.device(device).index] if device.startswith("cuda") else None

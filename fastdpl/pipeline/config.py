@@ -56,8 +56,13 @@ class RunConfig:
     warmup_epochs: int = 1
     warmup_lr: float = 1e-5
     # train stage
+    method: str = "dpl"  # dpl | coop | cocoop | zero_shot | uniform:LENGTH:DEPTH (METHOD_PRESETS fill its defaults)
     train_epochs: int = 40
     prompt_config: str | None = None  # a PromptConfig JSON, or a preset: zero_shot | uniform:LENGTH:DEPTH
+    n_ctx: int = 16  # CoOp / CoCoOp: context vectors (when ctx_init gives no words)
+    ctx_init: str | None = None  # CoOp / CoCoOp: words that initialise the context, e.g. "a photo of a"
+    class_specific: bool = False  # CoOp: one context per class
+    class_token_position: str = "end"  # CoOp / CoCoOp: end | middle | front
     distill_weight: float = 0.0
     distill_temperature: float = 1.0
     distill_teacher: str = "ensemble"  # ensemble: all 60 templates; last: the last one only (the authors' code)
@@ -95,6 +100,9 @@ class RunConfig:
                 raise ValueError(f"{name} must be one of {', '.join(allowed)}, got {value!r}")
         if self.template not in ("auto", *TEMPLATE_NAMES):
             check_format(self.template, "template")
+        check_method(self.method)
+        if self.ctx_init is not None and not str(self.ctx_init).strip():
+            raise ValueError("ctx_init must be words such as 'a photo of a', or none")
         if self.tpt_augmix not in ("auto", "true", "false", True, False):
             raise ValueError(f"tpt_augmix must be auto, true or false, got {self.tpt_augmix!r}")
         return self
@@ -104,6 +112,16 @@ class RunConfig:
 
 
 _HINTS = typing.get_type_hints(RunConfig)
+METHODS = ("dpl", "coop", "cocoop", "zero_shot", "uniform:LENGTH:DEPTH")
+
+
+def check_method(method: str) -> str:
+    if method in METHODS[:-1]:
+        return method
+    parts = str(method).split(":")
+    if len(parts) == 3 and parts[0] == "uniform" and all(p.isdigit() for p in parts[1:]):
+        return method
+    raise ValueError(f"method must be one of {', '.join(METHODS)} (e.g. uniform:4:9), got {method!r}")
 
 
 def _parse_value(name: str, text: str):
@@ -176,9 +194,18 @@ SETTINGS = {
     "grad_clip": ("training", _TRAINING, "max gradient norm per step; none: no clipping (the paper's)", None),
     "warmup_epochs": ("training", _TRAINING, "epochs at the constant warm-up learning rate", None),
     "warmup_lr": ("training", _TRAINING, "warm-up learning rate", None),
+    "method": ("training", ("train",), "what the train stage learns: dpl (the searched configuration), coop, cocoop, "
+               "zero_shot or uniform:LENGTH:DEPTH; coop and cocoop bring their reference settings (lr, batch, "
+               "epochs, context) for every setting not given", None),
     "train_epochs": ("training", ("train",), "epochs of the train stage", None),
     "prompt_config": ("training", ("train",), "configuration: a PromptConfig JSON, zero_shot, uniform:LENGTH:DEPTH, "
                       "or an authors' search output folder / alpha .npy (default: the search stage's)", None),
+    "n_ctx": ("context", ("train",), "CoOp/CoCoOp: number of context vectors (ctx_init words set it otherwise)", None),
+    "ctx_init": ("context", ("train",), "CoOp/CoCoOp: words initialising the context, e.g. 'a photo of a'; none: "
+                 "N(0, 0.02^2)", None),
+    "class_specific": ("context", ("train",), "CoOp: one context per class", ("true", "false")),
+    "class_token_position": ("context", ("train",), "CoOp/CoCoOp: where the class name goes",
+                             ("end", "middle", "front")),
     "distill_weight": ("training", ("train",), "weight of the KL term towards zero-shot CLIP (0: off)", None),
     "distill_temperature": ("training", ("train",), "temperature of the distillation term", None),
     "distill_teacher": ("training", ("train",), "teacher's templates: ensemble (all 60, averaged) or last (the "
@@ -247,12 +274,38 @@ def load_yaml(path: str | Path) -> dict:
     return data
 
 
+def coop_epochs(shots: int | None, dataset: str) -> int:
+    """CoOp's epochs by shot count: 50 for 1 shot (and for ImageNet), 100 for 2 and 4, 200 above."""
+    if str(dataset).lower() == "imagenet" or shots == 1:
+        return 50
+    return 100 if shots in (2, 4) else 200
+
+
+# The reference settings of the CoOp-family methods (KaiyangZhou/CoOp's configs): the defaults of
+# every setting the YAML file and the command line leave unset when --method names them.
+METHOD_PRESETS = {
+    "coop": lambda values: dict(lr=0.002, batch_size=32, n_ctx=16, ctx_init=None, class_specific=False,
+                                class_token_position="end", warmup_epochs=1, warmup_lr=1e-5,
+                                train_epochs=coop_epochs(values.get("shots", 16), values.get("dataset", ""))),
+    "cocoop": lambda values: dict(lr=0.002, batch_size=1, train_epochs=10, n_ctx=4, ctx_init="a photo of a",
+                                  class_token_position="end", warmup_epochs=1, warmup_lr=1e-5),
+}
+
+
+def method_config(**given) -> RunConfig:
+    """A RunConfig from the settings ``given``, with the method's reference settings for the rest."""
+    preset = METHOD_PRESETS.get(given.get("method", RunConfig.method))
+    values = {**(preset({**RunConfig().to_dict(), **given}) if preset else {}), **given}
+    return RunConfig(**values).validate()
+
+
 def resolve_config(args: argparse.Namespace, **overrides) -> RunConfig:
-    """Defaults, then the YAML file, then flags given on the command line, then ``overrides``."""
+    """Defaults (with --method's reference settings), then the YAML file, then flags given on the
+    command line, then ``overrides``."""
     values = load_yaml(args.config) if getattr(args, "config", None) else {}
     values.update({f.name: getattr(args, f.name) for f in fields(RunConfig) if hasattr(args, f.name)})
     values.update(overrides)
-    return RunConfig(**values).validate()
+    return method_config(**values)
 
 
 def save_yaml(config: RunConfig, path: Path) -> None:
