@@ -1,5 +1,5 @@
-"""The authors'-style DPL forward, written literally: the oracle for FastDPLPrompt and the
-baseline of the module benchmark.
+"""The authors'-style forwards, written literally: the oracles of FastDPLPrompt, CoOp/CoCoOp
+and TPT, and the baselines of the benchmarks.
 
 For every block and every candidate prompt P_c it runs the block's own
 ``nn.MultiheadAttention`` with queries ``ln_1(x)`` and keys/values
@@ -97,11 +97,26 @@ def literal_tpt_predict(tuner, views: torch.Tensor) -> torch.Tensor:
     from .tpt import average_entropy, confident_views
 
     dpl = tuner.dpl
-    tuned = {k: v.clone().requires_grad_() for k, v in tuner.initial.items()}
+    if tuner.tune == "learned_context":  # CoOp's learned context, or CoCoOp's from the original view
+        if dpl.image_conditioned:
+            with torch.no_grad():
+                feature = dpl.model.encode_image(views[:1])
+                feature = F.normalize(feature, dim=-1) if tuner.meta_input == "normalized" else feature
+                start = dpl.ctx + dpl.meta_net(feature)[0]
+        else:
+            start = dpl.ctx
+        tuned = {"context": start.detach().clone().requires_grad_()}
+    else:
+        tuned = {k: v.clone().requires_grad_() for k, v in tuner.initial.items()}
     optimizer = torch.optim.AdamW(list(tuned.values()), lr=tuner.lr, weight_decay=tuner.weight_decay)
     prompts = {k: v for k, v in tuned.items() if k != "context"}
 
     def logits_of(images):
+        if tuner.tune == "learned_context":
+            with torch.no_grad():
+                image_features = F.normalize(dpl.model.encode_image(images), dim=-1)
+            text = _literal_text_features(dpl.model, *_literal_context_prompts(dpl, tuned["context"]))
+            return dpl.model.logit_scale.exp() * image_features @ F.normalize(text, dim=-1).T
         with torch.no_grad():
             image_features = F.normalize(literal_encode_image(dpl, images), dim=-1)
         text_features = F.normalize(literal_encode_text(dpl, tuned.get("context"), prompts), dim=-1)

@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from .data.augmix import SEVERITY, augmix
 from .dtypes import at_least_float32
 from .profiling import nvtx_range
+from .methods.context import CoOpPrompt
 from .prompt import FastDPLPrompt
 from .towers import place_context, project_prompts, text_module
 
@@ -109,15 +110,22 @@ class TPTViews:
 
 # ---- the tuner --------------------------------------------------------------------------------------
 class TestTimePromptTuner:
-    """TPT around a FastDPLPrompt (zero-shot: prompts of length 0, or a trained fixed DPL configuration).
+    """TPT around a FastDPLPrompt (zero-shot: prompts of length 0, or a trained fixed DPL
+    configuration) or around learned CoOp / CoCoOp contexts (fastdpl.methods).
 
     Args:
-        dpl: FastDPLPrompt in fixed mode (its image prompts, if any, stay frozen).
-        tune: "context" (learnable context replacing the template's first words), "text_prompts"
-            (the module's text-tower prompts), or "auto" (text_prompts when there are any).
-        context: the words replaced by the learnable context; the template must start with them.
+        method: FastDPLPrompt in fixed mode (its image prompts, if any, stay frozen), CoOpPrompt or
+            CoCoOpPrompt.
+        tune: "context" (a learnable context: for FastDPLPrompt it replaces the template's first
+            words; for CoOp it starts from the learned context; for CoCoOp from the test image's
+            context, ctx + meta_net(feature of the original view), as the TPT paper), "text_prompts"
+            (a FastDPLPrompt's text-tower prompts), or "auto" (text_prompts when there are any).
+        context: the words replaced by the learnable context of a FastDPLPrompt; the template must
+            start with them.
         keep_fraction: share of the views with the lowest entropy that enter the loss (0.1).
         lr, weight_decay, steps: AdamW settings and steps per image (5e-3, 0.01 = AdamW's default, 1).
+        meta_input: CoCoOp's meta-network input: "normalized" image features (as CoCoOp trains and
+            predicts) or "raw" ones (the TPT code's ``gen_ctx``; docs/fidelity.md).
 
     ``predict(views)``: views (G, V, 3, S, S) of G test images, original view first -> logits (G, C)
     of the original views with each image's own tuned prompt. Nothing persists between calls.
@@ -125,10 +133,9 @@ class TestTimePromptTuner:
 
     __test__ = False  # not a pytest class, despite the name
 
-    def __init__(self, dpl: FastDPLPrompt, *, tune: str = "auto", context: str = "a photo of a",
-                 keep_fraction: float = 0.1, lr: float = 5e-3, weight_decay: float = 0.01, steps: int = 1):
-        if not isinstance(dpl, FastDPLPrompt) or dpl.mode != "fixed":
-            raise ValueError("dpl must be a FastDPLPrompt in mode='fixed' (zero-shot: PromptConfig.zero_shot)")
+    def __init__(self, method, *, tune: str = "auto", context: str = "a photo of a",
+                 keep_fraction: float = 0.1, lr: float = 5e-3, weight_decay: float = 0.01, steps: int = 1,
+                 meta_input: str = "normalized"):
         if tune not in TUNE:
             raise ValueError(f"tune must be one of {TUNE}, got {tune!r}")
         if not 0 < keep_fraction <= 1:
@@ -137,13 +144,26 @@ class TestTimePromptTuner:
             raise ValueError(f"steps must be a positive int, got {steps!r}")
         if lr <= 0:
             raise ValueError(f"lr must be > 0, got {lr}")
+        if meta_input not in ("normalized", "raw"):
+            raise ValueError(f"meta_input must be 'normalized' or 'raw', got {meta_input!r}")
+        self.keep_fraction, self.lr, self.weight_decay, self.steps = keep_fraction, lr, weight_decay, steps
+        self.meta_input = meta_input
+        if isinstance(method, CoOpPrompt):
+            if tune not in ("auto", "context"):
+                raise ValueError(f"a {method.method} module tunes its context: tune must be 'auto' or 'context'")
+            self.dpl, self.tune = method.eval(), "learned_context"
+            self.initial = {} if method.image_conditioned else {"context": method.ctx.detach()}
+            return
+        if not isinstance(method, FastDPLPrompt) or method.mode != "fixed":
+            raise ValueError("method must be a FastDPLPrompt in mode='fixed' (zero-shot: PromptConfig.zero_shot), "
+                             "a CoOpPrompt or a CoCoOpPrompt")
+        dpl = method
         text_lengths = dpl.config.lengths.get("text", ())
         if tune == "auto":
             tune = "text_prompts" if any(text_lengths) else "context"
         if tune == "text_prompts" and not any(text_lengths):
             raise ValueError("tune='text_prompts' but the module has no text prompts (use tune='context')")
         self.dpl, self.tune = dpl.eval(), tune
-        self.keep_fraction, self.lr, self.weight_decay, self.steps = keep_fraction, lr, weight_decay, steps
         self.length = max(dpl._end_of_text_list) + 1  # the text tower stops at the last end-of-text token
         if tune == "context":
             self.initial = {"context": self._initial_context(context)}
@@ -173,6 +193,8 @@ class TestTimePromptTuner:
         runs them (truncated, last-block rows only); the frozen prompts are projected once.
         """
         dpl = self.dpl
+        if self.tune == "learned_context":
+            return dpl.encode_text_with_context(tuned["context"])
         groups = next(iter(tuned.values())).shape[0]
         classes = dpl.num_classes
         context = tuned.get("context")
@@ -214,6 +236,10 @@ class TestTimePromptTuner:
         with torch.no_grad(), nvtx_range("fastdpl/tpt/image"):
             image_features = self.dpl.encode_image(views.flatten(0, 1)).view(groups, num_views, -1)
         tuned = {k: v.unsqueeze(0).repeat(groups, *([1] * v.dim())).requires_grad_() for k, v in self.initial.items()}
+        if self.dpl.image_conditioned:  # CoCoOp: each image's own context, from its original view
+            with torch.no_grad():
+                start = self.dpl.image_context(image_features[:, 0], normalize=self.meta_input == "normalized")
+            tuned = {"context": start.detach().requires_grad_()}
         optimizer = torch.optim.AdamW(list(tuned.values()), lr=self.lr, weight_decay=self.weight_decay)
         selected = None
         for _ in range(self.steps):

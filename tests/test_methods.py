@@ -120,3 +120,140 @@ def test_builders_leave_the_global_rng_alone():
     state = torch.random.get_rng_state()
     CoCoOpPrompt(tiny_clip(), CLASSNAMES, generator=torch.Generator().manual_seed(0))
     assert torch.equal(torch.random.get_rng_state(), state)
+
+
+@pytest.mark.parametrize("kind", ["coop", "coop_per_class", "cocoop", "cocoop_raw"])
+def test_tpt_on_learned_contexts_equals_the_literal_per_image_loop(kind):
+    from fastdpl.literal import literal_tpt_predict
+    from fastdpl.tpt import TestTimePromptTuner
+
+    model = tiny_clip(seed=9)
+    if kind.startswith("coop"):
+        module = CoOpPrompt(model, CLASSNAMES, n_ctx=3, class_specific=kind == "coop_per_class",
+                            generator=torch.Generator().manual_seed(1))
+    else:
+        module = CoCoOpPrompt(model, CLASSNAMES, generator=torch.Generator().manual_seed(2))
+        _randomize(module, scale=0.2)
+    tuner = TestTimePromptTuner(module, keep_fraction=0.5, lr=0.05, steps=2,
+                                meta_input="raw" if kind.endswith("raw") else "normalized")
+    views = torch.randn(2, 6, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    fast = tuner.predict(views)
+    for g in range(2):
+        ref = literal_tpt_predict(tuner, views[g])
+        assert normalised_error(fast[g], ref) < 1e-4
+    with torch.no_grad():  # the step moved the prediction: the comparison is not vacuous
+        untuned = module(views[:, 0])
+    assert normalised_error(fast, untuned) > 1e-5
+    with pytest.raises(ValueError, match="tunes its context"):
+        TestTimePromptTuner(module, tune="text_prompts")
+
+
+# ---- the pipeline: one training loop for every method ------------------------------------------------
+import json  # noqa: E402
+import os  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+from fastdpl.pipeline import stages, training  # noqa: E402
+from fastdpl.pipeline.config import method_config  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+SMALL = dict(dataset="builtin:digits", model="tiny", pretrained=None, shots=2, seed=1, workers=0, device="cpu",
+             progress=False, crop_scale=[0.6, 1.0], flip=False, eval_batch_size=256, n_ctx=2)
+
+
+def _cfg(tmp_path, method, name="run", **overrides):
+    return method_config(method=method, output=str(tmp_path / name), **{**SMALL, "batch_size": 4,
+                                                                        "train_epochs": 2, **overrides})
+
+
+def test_method_presets_fill_what_is_not_given_and_bad_methods_are_refused(tmp_path):
+    coop = method_config(method="coop", shots=4)
+    assert (coop.lr, coop.batch_size, coop.train_epochs, coop.n_ctx, coop.ctx_init) == (0.002, 32, 100, 16, None)
+    assert method_config(method="coop", shots=1).train_epochs == 50
+    assert method_config(method="coop", shots=16).train_epochs == 200
+    cocoop = method_config(method="cocoop", lr=0.1)
+    assert (cocoop.lr, cocoop.batch_size, cocoop.train_epochs, cocoop.n_ctx, cocoop.ctx_init) == \
+        (0.1, 1, 10, 4, "a photo of a")
+    assert method_config().lr == 3.5e-3  # DPL keeps the paper's
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    dry = subprocess.run([sys.executable, "-m", "fastdpl.cli", "train", "--method", "cocoop", "--batch-size", "8",
+                          "--dry-run"], capture_output=True, text=True, env=env, timeout=120)
+    assert "batch_size: 8" in dry.stdout and "lr: 0.002" in dry.stdout and "train_epochs: 10" in dry.stdout
+    bad = subprocess.run([sys.executable, "-m", "fastdpl.cli", "train", "--method", "vpt"], capture_output=True,
+                         text=True, env=env, timeout=120)
+    assert bad.returncode == 2 and "method must be one of dpl, coop, cocoop" in bad.stderr
+    assert "Traceback" not in bad.stderr
+    with pytest.raises(ValueError, match="--prompt-config is a DPL configuration"):
+        stages.run_train(_cfg(tmp_path, "coop", prompt_config="uniform:1:1"))
+
+
+@pytest.mark.parametrize("method", ["coop", "cocoop"])
+def test_train_eval_and_tpt_rebuild_the_method_from_its_own_folder(tmp_path, method):
+    trained = stages.run_train(_cfg(tmp_path, method, train_epochs=1))
+    assert trained["method"] == method and 0 <= trained["top1"] <= 1
+    state = torch.load(tmp_path / "run" / "train" / "prompts.pt", weights_only=False)
+    assert state["settings"]["method"] == method and state["method"] == method
+    # eval and tpt take no method flags: the prompts file says what to rebuild
+    plain = dict(SMALL, n_ctx=7)
+    evaluated = stages.run_eval(method_config(output=str(tmp_path / "run"), **plain))
+    assert evaluated["top1"] == trained["top1"] and evaluated["method"] == method
+    tuned = stages.run_tpt(method_config(output=str(tmp_path / "run"), tpt_views=4, tpt_keep=0.5, tpt_group=4,
+                                         **plain), prompts=str(tmp_path / "run" / "train" / "prompts.pt"))
+    assert tuned["method"] == f"tpt+{method}" and tuned["results"]["builtin:digits"]["num_test"] > 100
+
+
+class _Killed(Exception):
+    pass
+
+
+@pytest.mark.parametrize("method", ["coop", "cocoop"])
+def test_a_killed_run_resumes_exactly(tmp_path, monkeypatch, method):
+    whole = stages.run_train(_cfg(tmp_path, method, "whole", train_epochs=3))
+    real = training._save_checkpoint
+
+    def kill_after_epoch_2(job, out, epoch, train, history):
+        real(job, out, epoch, train, history)
+        if epoch == 2:
+            raise _Killed  # the process dies right after writing the epoch-2 checkpoint
+
+    monkeypatch.setattr(training, "_save_checkpoint", kill_after_epoch_2)
+    with pytest.raises(_Killed):
+        stages.run_train(_cfg(tmp_path, method, "killed", train_epochs=3))
+    monkeypatch.setattr(training, "_save_checkpoint", real)
+    with pytest.raises(FileExistsError, match="pass --resume"):
+        stages.run_train(_cfg(tmp_path, method, "killed", train_epochs=3))
+    resumed = stages.run_train(_cfg(tmp_path, method, "killed", train_epochs=3, resume=True))
+    a, b = (torch.load(tmp_path / run / "train" / "prompts.pt", weights_only=False)["tensors"]
+            for run in ("whole", "killed"))
+    for key in a:
+        assert torch.equal(a[key], b[key]), f"{key}: resume is not bitwise exact"
+    assert resumed["top1"] == whole["top1"]
+    history = [json.loads(line) for line in (tmp_path / "killed" / "train" / "metrics.jsonl").read_text().splitlines()]
+    assert [h["epoch"] for h in history] == [1, 2, 3]
+
+
+@pytest.mark.parametrize("method", ["coop", "cocoop"])
+def test_two_gloo_processes_equal_one(tmp_path, method):
+    """2 ranks with batch 2 each == 1 process with batch 4 (CoOp: class texts split across the ranks;
+    CoCoOp: each rank its own images' texts, DDP averaging the gradients)."""
+    flags = ["train", "--method", method, "--dataset", "builtin:digits", "--model", "tiny", "--shots", "2",
+             "--train-epochs", "2", "--workers", "0", "--device", "cpu", "--progress", "false", "--crop-scale",
+             "0.6,1.0", "--flip", "false", "--n-ctx", "2", "--lr", "0.05", "--eval-batch-size", "256"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    runs = {"one": [sys.executable, "-m", "fastdpl.cli", *flags, "--batch-size", "4"],
+            "two": [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                    "-m", "fastdpl.cli", *flags, "--batch-size", "2"]}
+    for name, command in runs.items():
+        done = subprocess.run([*command, "--output", str(tmp_path / name)], env=env, cwd=ROOT, capture_output=True,
+                              text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-3000:]
+    one, two = (torch.load(tmp_path / run / "train" / "prompts.pt", weights_only=False) for run in ("one", "two"))
+    settings = {k: v for k, v in one["method_settings"].items() if k != "method"}
+    initial = (CoCoOpPrompt if method == "cocoop" else CoOpPrompt)(
+        stages.load_clip("tiny"), CLASSNAMES, **settings, generator=torch.Generator().manual_seed(1)).ctx
+    assert (one["tensors"]["ctx"] - initial).abs().max() > 1e-3  # the context moved: not vacuous
+    for key in one["tensors"]:
+        a, b = two["tensors"][key].double(), one["tensors"][key].double()
+        assert ((a - b).norm() / b.norm()).item() < 2.0 ** -12, f"{key}: 2 processes differ from 1"

@@ -207,7 +207,7 @@ class CoOpPrompt(nn.Module):
                 "class_specific": self.class_specific, "class_token_position": self.class_token_position}
 
     def prompt_state_dict(self) -> dict:
-        return {"format": STATE_FORMAT, "settings": self.settings(), "backbone": self.clip.backbone_signature(),
+        return {"format": STATE_FORMAT, "method_settings": self.settings(), "backbone": self.clip.backbone_signature(),
                 "num_classes": self.num_classes if self.class_specific else None,
                 "tensors": {k: v.detach().clone() for k, v in self._learned_tensors().items()}}
 
@@ -218,8 +218,9 @@ class CoOpPrompt(nn.Module):
         """Load what prompt_state_dict saved; any mismatch is a ValueError naming it."""
         if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
             raise ValueError(f"not a fastdpl context-prompt state (format {STATE_FORMAT!r})")
-        if state["settings"] != self.settings():
-            raise ValueError(f"settings mismatch: saved {state['settings']}, this module has {self.settings()}")
+        if state["method_settings"] != self.settings():
+            raise ValueError(f"settings mismatch: saved {state['method_settings']}, this module has "
+                             f"{self.settings()}")
         if state["backbone"] != self.clip.backbone_signature():
             raise ValueError(f"backbone mismatch: the context was saved for {state['backbone']}, "
                              f"this model is {self.clip.backbone_signature()}")
@@ -271,9 +272,11 @@ class CoCoOpPrompt(CoOpPrompt):
     def parameter_groups(self) -> dict:
         return {"prompt": [self.ctx, *self.meta_net.parameters()]}
 
-    def image_context(self, image_features: torch.Tensor) -> torch.Tensor:
-        """Each image's context (B, n, W): the shared context plus meta_net(normalised feature)."""
-        bias = self.meta_net(F.normalize(image_features, dim=-1).to(self.ctx.dtype))
+    def image_context(self, image_features: torch.Tensor, normalize: bool = True) -> torch.Tensor:
+        """Each image's context (B, n, W): the shared context plus meta_net(normalised feature)
+        (``normalize=False``: of the raw feature, as the TPT code's CoCoOp does)."""
+        features = F.normalize(image_features, dim=-1) if normalize else image_features
+        bias = self.meta_net(features.to(self.ctx.dtype))
         return self.ctx.unsqueeze(0) + bias.unsqueeze(1)
 
     def logits_with_context(self, image_features: torch.Tensor, context: torch.Tensor) -> torch.Tensor:

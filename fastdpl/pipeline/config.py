@@ -78,6 +78,7 @@ class RunConfig:
     tpt_context: str = "a photo of a"
     tpt_augmix: str = "auto"  # auto: AugMix views for fine-grained sets, crops only for the ImageNet family
     tpt_group: int = 1  # test images tuned together as one batch of independent prompts
+    tpt_meta_input: str = "normalized"  # CoCoOp's meta-network input at test time: normalized | raw (TPT's code)
     # bookkeeping
     output: str = "runs/default"
     resume: bool = False
@@ -220,6 +221,8 @@ SETTINGS = {
     "tpt_context": ("tpt", ("tpt",), "words that initialise the learnable context", None),
     "tpt_augmix": ("tpt", ("tpt",), "AugMix views (auto: for the fine-grained sets)", ("auto", "true", "false")),
     "tpt_group": ("tpt", ("tpt",), "test images tuned together as independent prompts", None),
+    "tpt_meta_input": ("tpt", ("tpt",), "TPT on CoCoOp: the meta-network reads the normalized image feature "
+                       "(as CoCoOp) or the raw one (the TPT code)", ("normalized", "raw")),
     "output": ("bookkeeping", _EVAL, "run folder (each stage writes its own subfolder)", None),
     "resume": ("bookkeeping", _EVAL, "continue from the run's checkpoint / keep its results (a bare flag: true)",
                ("true", "false")),

@@ -294,7 +294,7 @@ def _load_prompted(job: Job, prompts: str | None):
         job.template = job.template if job.template != "auto" else "default"
     classnames = job.splits.classnames
     if state.get("format") == CONTEXT_FORMAT:
-        module = build_context_method(job, classnames, state["settings"])
+        module = build_context_method(job, classnames, state["method_settings"])
     elif state.get("mode") == "fixed":
         module = build_dpl(job, classnames, "fixed", PromptConfig.from_dict(state["config"]))
     else:
@@ -361,7 +361,7 @@ def tpt_accuracy(job: Job, dpl: FastDPLPrompt, samples, dataset: str, desc="tpt"
         augmix = canonical_name(dataset) not in IMAGENET_FAMILY  # TPT: AugMix for the fine-grained sets
     augmix = augmix in (True, "true")
     tuner = TestTimePromptTuner(dpl, tune=cfg.tpt_tune, context=cfg.tpt_context, keep_fraction=cfg.tpt_keep,
-                                lr=cfg.tpt_lr, steps=cfg.tpt_steps)
+                                lr=cfg.tpt_lr, steps=cfg.tpt_steps, meta_input=cfg.tpt_meta_input)
     loader = torch.utils.data.DataLoader(_TPTImages(samples, TPTViews(job.image_size, cfg.tpt_views, augmix)),
                                          batch_size=cfg.tpt_group, num_workers=cfg.workers)
 
@@ -373,11 +373,12 @@ def tpt_accuracy(job: Job, dpl: FastDPLPrompt, samples, dataset: str, desc="tpt"
 
 
 def run_tpt(cfg: RunConfig, prompts: str | None = None) -> dict:
-    """TPT on the test sets: zero-shot CLIP with a learnable context, or saved fixed-mode DPL prompts."""
+    """TPT on the test sets: zero-shot CLIP with a learnable context, or saved prompts (a fixed DPL
+    configuration's text prompts, a CoOp or CoCoOp context)."""
     job = prepare(cfg, "tpt")
     if prompts:
         dpl, method, path, trained = _load_prompted(job, prompts)
-        if dpl.mode != "fixed":
+        if isinstance(dpl, FastDPLPrompt) and dpl.mode != "fixed":
             raise ValueError(f"tpt needs fixed-mode prompts (a train stage's prompts.pt), got {dpl.mode} mode")
     else:
         blocks = block_counts(job.model)
