@@ -90,8 +90,10 @@ if [ $smoke -eq 0 ]; then
     --shapes b4-100cls,b4-1000cls --out "$out/$prefix-step.json"
   step tpt 60 $PY -m fastdpl.cli bench tpt --device cuda --dtype bfloat16 --repeats 5 \
     --shapes b16-64v-1000cls --out "$out/$prefix-tpt.json"
+  step cocoop 90 $PY -m fastdpl.cli bench cocoop --device cuda --dtype bfloat16 --repeats 5 \
+    --out "$out/$prefix-cocoop.json"
 else
-  for level_name in op block step tpt; do
+  for level_name in op block step tpt cocoop; do
     step "$level_name" 300 $PY -m fastdpl.cli bench "$level_name" --device cpu --smoke --out "$out/$prefix-$level_name.json"
   done
 fi

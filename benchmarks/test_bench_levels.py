@@ -1,5 +1,5 @@
-"""pytest-benchmark view of the block, step and TPT levels (same shapes and providers as
-`fastdpl bench block|step|tpt`; the op level is in test_bench_op.py).
+"""pytest-benchmark view of the block, step, TPT and CoCoOp levels (same shapes and providers as
+`fastdpl bench block|step|tpt|cocoop`; the op level is in test_bench_op.py).
 
     pytest benchmarks/ --benchmark-json bench-out/levels-pytest.json
 
@@ -12,14 +12,15 @@ import os
 import pytest
 import torch
 
-from fastdpl.bench import block, step, tpt
+from fastdpl.bench import block, cocoop, step, tpt
 from fastdpl.bench.timing import environment
 
 SMOKE = os.environ.get("FASTDPL_BENCH_SMOKE") == "1"
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 LEVELS = {"block": (block, ["search", "single_path", "literal", "plain"]),
           "step": (step, ["search", "single_path", "literal", "train", "train_literal"]),
-          "tpt": (tpt, ["fast", "fast_group4", "literal"])}
+          "tpt": (tpt, ["fast", "fast_group4", "literal"]),
+          "cocoop": (cocoop, ["fast", "fast_chunked", "literal"])}
 
 
 def _cases():

@@ -6,7 +6,7 @@
     fastdpl check-data --dataset NAME --root DIR
     fastdpl import-alpha AUTHORS_OUTPUT [--epoch E] --out prompt_config.json   the authors' searched alpha
     fastdpl datasets                  the datasets and the folders they need
-    fastdpl bench [op|step] [options]  benchmarks
+    fastdpl bench [op|block|step|tpt|cocoop] [options]  benchmarks
 
 Every setting of the stages is a flag (``fastdpl search --help``); defaults are
 the paper's. Under ``torchrun --nproc_per_node N`` the stages run data parallel.
@@ -67,7 +67,7 @@ def main(argv=None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     bench = sub.add_parser("bench", help="benchmarks (fastdpl bench op --help, fastdpl bench step --help)",
                            add_help=False)
-    bench.add_argument("suite", nargs="?", default="op", choices=["op", "block", "step", "tpt"])
+    bench.add_argument("suite", nargs="?", default="op", choices=["op", "block", "step", "tpt", "cocoop"])
     _stage_parsers(sub)
     if argv[:1] == ["bench"]:
         args, rest = parser.parse_known_args(argv)

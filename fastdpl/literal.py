@@ -102,7 +102,7 @@ def literal_tpt_predict(tuner, views: torch.Tensor) -> torch.Tensor:
             with torch.no_grad():
                 feature = dpl.model.encode_image(views[:1])
                 feature = F.normalize(feature, dim=-1) if tuner.meta_input == "normalized" else feature
-                start = dpl.ctx + dpl.meta_net(feature)[0]
+                start = dpl.ctx + dpl.meta_net(feature.to(dpl.ctx.dtype))[0]
         else:
             start = dpl.ctx
         tuned = {"context": start.detach().clone().requires_grad_()}
@@ -182,7 +182,7 @@ def literal_context_logits(method, images: torch.Tensor) -> torch.Tensor:
     if method.method == "coop":
         text = F.normalize(_literal_text_features(model, *_literal_context_prompts(method, method.ctx)), dim=-1)
         return scale * image_features @ text.T
-    bias = method.meta_net(image_features)
+    bias = method.meta_net(image_features.to(method.ctx.dtype))
     logits = []
     for feature, shift in zip(image_features, bias):
         text = _literal_text_features(model, *_literal_context_prompts(method, method.ctx + shift))

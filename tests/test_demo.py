@@ -1,4 +1,5 @@
-"""`fastdpl demo` end to end: DPL beats zero-shot CLIP on the built-in digits; check-data on built-in data."""
+"""`fastdpl demo` end to end: DPL beats zero-shot CLIP on the built-in digits (with CoOp, CoCoOp and TPT
+rows); check-data on built-in data."""
 from fastdpl.cli import main
 from fastdpl.pipeline.demo import demo_config, run_demo
 
@@ -10,6 +11,11 @@ def test_demo_dpl_beats_zero_shot(tmp_path, capsys):
     assert (tmp_path / "demo" / "dpl" / "search" / "alpha_evolution.png").is_file()
     printed = capsys.readouterr().out
     assert "| zero-shot CLIP |" in printed and "| DPL (searched) |" in printed
+    assert list(table) == ["zero-shot CLIP", "deep prompts uniform:1:4", "DPL (searched)", "CoOp", "CoCoOp",
+                           "TPT (zero-shot CLIP)", "TPT + CoOp", "TPT + CoCoOp"]
+    assert table["CoOp"] > table["zero-shot CLIP"], table  # a learned context helps on the digits too
+    for name in ("CoOp", "CoCoOp", "TPT + CoOp", "TPT + CoCoOp"):
+        assert f"| {name} |" in printed
     # Running the demo again picks up its finished checkpoints: same table, no retraining.
     assert run_demo(demo_config(output=str(tmp_path / "demo"), progress=False)) == table
 
