@@ -182,7 +182,7 @@ class TestTimePromptTuner:
                              "template)")
         tokens = self.dpl.class_tokens
         if n == 0 or not torch.equal(tokens[:, 1:1 + n].cpu(), ids.expand(tokens.shape[0], n)):
-            raise ValueError(f"context {words!r}: the template {self.dpl.template!r} must start with these words")
+            raise ValueError(f"context {words!r}: the template {self.dpl.templates[0]!r} must start with these words")
         return text_module(self.dpl.model).token_embedding(tokens[0, 1:1 + n]).detach()
 
     # ---- text features of G independent prompts ----

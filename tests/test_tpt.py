@@ -154,7 +154,8 @@ def test_tpt_stage_on_a_small_folder_dataset(tmp_path):
             folder = tmp_path / "data" / name
             folder.mkdir(parents=True, exist_ok=True)
             Image.fromarray(pixels.to(torch.uint8).numpy()).save(folder / f"{i}.png")
-    common = dict(dataset=f"folder:{tmp_path / 'data'}", template="a photo of a {}.", shots=2, tpt_views=4,
+    common = dict(dataset=f"folder:{tmp_path / 'data'}", template="a photo of a {}.", tpt_context="a photo of a",
+                  shots=2, tpt_views=4,
                   tpt_keep=0.5, tpt_group=2, output=str(tmp_path / "run"), progress=False, train_epochs=1)
     result = stages.run_tpt(demo_config(**common))
     assert result["method"] == "tpt+zero_shot" and result["results"][common["dataset"]]["num_test"] == 6
