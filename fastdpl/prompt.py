@@ -35,7 +35,7 @@ from .ops import IMPLS, normalize_candidate_lengths
 from .profiling import nvtx_range
 from .templates import resolve_template, tokenize_classes
 from .towers import (
-    end_of_text_positions, image_embeddings, image_head, image_parts, project_prompts, prompted_block,
+    end_of_text_positions, image_embeddings, image_head, image_parts, place_context, project_prompts, prompted_block,
     text_embeddings, text_head, text_module, text_parts,
 )
 
@@ -359,6 +359,36 @@ class FastDPLPrompt(nn.Module):
             self._text_cache = (key, features.detach())
         return features
 
+    def encode_text_with_context(self, context: torch.Tensor | None = None,
+                                 text_prompts: dict | None = None) -> torch.Tensor:
+        """Text features (G, C, E) of every class under each of G independent text inputs (TPT tunes
+        one per test image): ``context`` (G, n, W), a CoOp-style context replacing the template's
+        first n words, and/or ``text_prompts`` {block: (G, n_b, W)} replacing a fixed-mode module's
+        text prompts of those blocks. Sequence g * C + c is class c under input g; they run as one
+        truncated batch (last block: end-of-text rows only), the other blocks' prompts projected once."""
+        text_prompts = text_prompts or {}
+        given = [t for t in (context, *text_prompts.values()) if t is not None]
+        if not given:
+            raise ValueError("give a context and/or text_prompts")
+        if text_prompts and self.mode != "fixed":
+            raise ValueError("text_prompts replace a fixed-mode module's prompts (mode='fixed')")
+        groups, classes = given[0].shape[0], self.num_classes
+        dtype = text_module(self.model).token_embedding.weight.dtype
+        inputs = self.text_block_inputs(skip=set(text_prompts))
+        for b, prompt in text_prompts.items():
+            block = self._parts["text"].blocks[b]
+            if groups == 1:  # one prompt for every class: the fused op
+                kv = project_prompts(block, prompt[0].to(dtype))
+            else:  # each input's own prompt for its C sequences
+                pk, pv = project_prompts(block, prompt.to(dtype))
+                kv = (pk.repeat_interleave(classes, 0), pv.repeat_interleave(classes, 0))
+            inputs[b] = (kv, (prompt.shape[1],), self._one)
+        embeddings = self.token_embeddings(length=self.text_length()).repeat(groups, 1, 1)
+        if context is not None:
+            embeddings = place_context(embeddings, context.repeat_interleave(classes, 0) if groups > 1 else context)
+        features = self.encode_text_embeddings(embeddings, self.end_of_text.repeat(groups), inputs)
+        return features.view(groups, classes, -1)
+
     def _class_range(self, classes: slice | None) -> tuple[int, int]:
         if classes is not None and (not isinstance(classes, slice) or classes.step not in (None, 1)):
             raise ValueError(f"classes must be a contiguous slice, got {classes!r}")
@@ -397,6 +427,8 @@ class FastDPLPrompt(nn.Module):
             "candidate_lengths": list(self.candidate_lengths) if self.candidate_lengths else None,
             "config": self.config.to_dict() if self.config else None,
             "towers": list(self.prompted),
+            "text_input": self.template,  # what the prompts were trained with (not checked on load)
+            "init": self.init,
             "backbone": self.backbone_signature(),
             "prompts": {k: v.detach().clone() for k, v in self.prompts.items()},
             "arch_logits": {k: v.detach().clone() for k, v in self.arch_logits.items()},

@@ -35,7 +35,7 @@ from .dtypes import at_least_float32
 from .profiling import nvtx_range
 from .methods.context import CoOpPrompt
 from .prompt import FastDPLPrompt
-from .towers import place_context, project_prompts, text_module
+from .towers import text_module
 
 TUNE = ("auto", "context", "text_prompts")
 
@@ -164,7 +164,6 @@ class TestTimePromptTuner:
         if tune == "text_prompts" and not any(text_lengths):
             raise ValueError("tune='text_prompts' but the module has no text prompts (use tune='context')")
         self.dpl, self.tune = dpl.eval(), tune
-        self.length = max(dpl._end_of_text_list) + 1  # the text tower stops at the last end-of-text token
         if tune == "context":
             self.initial = {"context": self._initial_context(context)}
         else:
@@ -187,35 +186,12 @@ class TestTimePromptTuner:
 
     # ---- text features of G independent prompts ----
     def encode_text(self, tuned: dict) -> torch.Tensor:
-        """(G, C, E) text features; ``tuned`` holds (G, ...) copies of the initial tensors.
-
-        Sequence s = g * C + c is class c under image g's prompt. FastDPLPrompt's own text path
-        runs them (truncated, last-block rows only); the frozen prompts are projected once.
-        """
-        dpl = self.dpl
+        """(G, C, E) text features; ``tuned`` holds (G, ...) copies of the initial tensors: the
+        module's public text encoding under G contexts or sets of text prompts."""
         if self.tune == "learned_context":
-            return dpl.encode_text_with_context(tuned["context"])
-        groups = next(iter(tuned.values())).shape[0]
-        classes = dpl.num_classes
-        context = tuned.get("context")
-        if context is not None and groups > 1:
-            context = context.repeat_interleave(classes, 0)
-        blocks = dpl._parts["text"].blocks
-        dtype = text_module(dpl.model).token_embedding.weight.dtype
-        inputs = dpl.text_block_inputs(skip=set(tuned))
-        for b, block in enumerate(blocks):
-            if b in tuned:
-                if groups == 1:  # one prompt for every class: the fused op
-                    kv = project_prompts(block, tuned[b][0].to(dtype))
-                else:  # each image's own prompt for its C sequences
-                    pk, pv = project_prompts(block, tuned[b].to(dtype))
-                    kv = (pk.repeat_interleave(classes, 0), pv.repeat_interleave(classes, 0))
-                inputs[b] = (kv, (tuned[b].shape[1],), dpl._one)
-        embeddings = dpl.token_embeddings(length=self.length).repeat(groups, 1, 1)
-        if context is not None:
-            embeddings = place_context(embeddings, context)
-        features = dpl.encode_text_embeddings(embeddings, dpl.end_of_text.repeat(groups), inputs)
-        return features.view(groups, classes, -1)
+            return self.dpl.encode_text_with_context(tuned["context"])
+        return self.dpl.encode_text_with_context(tuned.get("context"),
+                                                 text_prompts={b: p for b, p in tuned.items() if b != "context"})
 
     def _logits(self, image_features: torch.Tensor, text_features: torch.Tensor) -> torch.Tensor:
         """(G, V, E) x (G, C, E) -> (G, V, C) CLIP logits."""
