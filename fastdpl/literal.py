@@ -43,7 +43,10 @@ def _literal_block(block, x, candidates, causal_mask):
             expanded = prompt.to(x.dtype).unsqueeze(0).expand(x.shape[0], -1, -1)
             kv = block.ln_1(torch.cat([x, expanded], dim=1))
             mask = None if causal_mask is None else F.pad(causal_mask, (0, prompt.shape[0]))  # prompts: 0 = open
-        attended = block.attn(h, kv, kv, need_weights=False, attn_mask=mask)[0]
+        if isinstance(block.attn, torch.nn.MultiheadAttention):
+            attended = block.attn(h, kv, kv, need_weights=False, attn_mask=mask)[0]
+        else:  # open_clip 4's Attention: queries from h, keys and values from kv
+            attended = block.attn(h, k_x=kv, v_x=kv, attn_mask=mask)
         out = out + (attended if weight is None else weight * attended)
     x = x + block.ls_1(out)
     return x + block.ls_2(block.mlp(block.ln_2(x)))

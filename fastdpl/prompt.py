@@ -35,7 +35,7 @@ from .ops import IMPLS, normalize_candidate_lengths
 from .profiling import nvtx_range
 from .templates import resolve_template, tokenize_classes
 from .towers import (
-    end_of_text_positions, image_embeddings, image_head, image_parts, place_context, project_prompts, prompted_block,
+    check_mixable, end_of_text_positions, image_embeddings, image_head, image_parts, place_context, project_prompts, prompted_block,
     text_embeddings, text_head, text_module, text_parts,
 )
 
@@ -106,6 +106,8 @@ class FastDPLPrompt(nn.Module):
                 raise ValueError(f"candidate_lengths must be distinct, got {list(lengths)}")
             self.candidate_lengths = lengths
             self.config = None
+            for tower in towers:
+                check_mixable(tower, self._parts[tower].blocks)
             self.prompted = {t: [lengths] * len(self._parts[t].blocks) for t in towers}
         else:
             if config is None or not isinstance(config, PromptConfig):

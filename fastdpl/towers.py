@@ -8,8 +8,10 @@ attention replaced by the mixture op:
     x = x + ls_1(out_proj(mixture_prefix_attention(q, k, v, pk, pv, lengths, weights)))
     x = x + ls_2(mlp(ln_2(x)))
 
-using the block's own weights (never copied). Only the standard open_clip
-``ResidualAttentionBlock`` with ``nn.MultiheadAttention`` is supported.
+using the block's own weights (never copied). The open_clip ``ResidualAttentionBlock``
+with ``nn.MultiheadAttention`` (open_clip 3.x) or with open_clip's own ``Attention``
+(4.x: the same weight names; its qk_norm, scaled_cosine, head_scale and inner_norm
+options are applied exactly: see _queries_and_keys and _merge_heads).
 """
 from __future__ import annotations
 
@@ -27,22 +29,82 @@ class UnsupportedModelError(ValueError):
     """The open_clip model has a tower or block that fastdpl cannot prompt."""
 
 
+# ---- the block's attention: nn.MultiheadAttention (open_clip 3.x) or open_clip's own Attention (4.x) ----
+def is_open_clip_attention(attn: nn.Module) -> bool:
+    """open_clip 4's ``Attention`` (same weight names as nn.MultiheadAttention: in_proj_weight,
+    in_proj_bias, out_proj; plus optional qk_norm, scaled_cosine, head_scale, inner_norm)."""
+    return (not isinstance(attn, nn.MultiheadAttention) and hasattr(attn, "in_proj_weight")
+            and hasattr(attn, "out_proj") and hasattr(attn, "num_heads") and hasattr(attn, "ln_inner"))
+
+
+def attention_width(attn: nn.Module) -> int:
+    return attn.embed_dim if isinstance(attn, nn.MultiheadAttention) else attn.in_proj_weight.shape[1]
+
+
 def _check_block(tower: str, index: int, block: nn.Module) -> None:
     where = f"{tower} tower block {index}"
     attn = getattr(block, "attn", None)
-    if not isinstance(attn, nn.MultiheadAttention):
+    if not isinstance(attn, nn.MultiheadAttention) and not is_open_clip_attention(attn):
         raise UnsupportedModelError(
             f"{where}: {type(block).__name__} with attention {type(attn).__name__} is unsupported; fastdpl needs "
-            "open_clip's ResidualAttentionBlock with nn.MultiheadAttention (custom attention blocks are not supported)")
+            "open_clip's ResidualAttentionBlock with nn.MultiheadAttention or open_clip's Attention")
     if not all(hasattr(block, name) for name in ("ln_1", "ln_2", "mlp", "ls_1", "ls_2")):
         raise UnsupportedModelError(f"{where}: {type(block).__name__} is not an open_clip ResidualAttentionBlock")
     if hasattr(block, "ln_1_kv"):
         raise UnsupportedModelError(f"{where}: cross-attention blocks are unsupported")
-    if not attn.batch_first or not attn._qkv_same_embed_dim or attn.bias_k is not None:
-        raise UnsupportedModelError(
-            f"{where}: nn.MultiheadAttention must be batch_first, with one packed in-projection and no bias_kv")
-    if attn.head_dim * attn.num_heads != attn.embed_dim:
-        raise UnsupportedModelError(f"{where}: embed_dim {attn.embed_dim} is not divisible by {attn.num_heads} heads")
+    if hasattr(block, "ln_attn"):
+        raise UnsupportedModelError(f"{where}: {type(block).__name__} (open_clip's block_type='custom'): custom "
+                                    "attention blocks are not supported")
+    if isinstance(attn, nn.MultiheadAttention):
+        if not attn.batch_first or not attn._qkv_same_embed_dim or attn.bias_k is not None:
+            raise UnsupportedModelError(
+                f"{where}: nn.MultiheadAttention must be batch_first, with one packed in-projection and no bias_kv")
+        if attn.head_dim * attn.num_heads != attn.embed_dim:
+            raise UnsupportedModelError(f"{where}: embed_dim {attn.embed_dim} is not divisible by "
+                                        f"{attn.num_heads} heads")
+    elif attn.in_proj_weight is None:
+        raise UnsupportedModelError(f"{where}: Attention with separate q/k/v projections (kdim or vdim != dim) is "
+                                    "unsupported")
+
+
+def check_mixable(tower: str, blocks) -> None:
+    """DPL's search mixes the candidates' attention outputs; the fused op mixes them before the output
+    projection, which is exact only when what follows the attention is linear. open_clip Attention's
+    inner norm (a LayerNorm before out_proj) is not: refused in search mode (fixed mode runs it exactly)."""
+    for index, block in enumerate(blocks):
+        attn = block.attn
+        if not isinstance(attn, nn.MultiheadAttention) and not isinstance(attn.ln_inner, nn.Identity):
+            raise UnsupportedModelError(
+                f"{tower} tower block {index}: Attention with inner_norm (scale_attn_inner) cannot be searched: "
+                "the mixture of candidates would pass through its LayerNorm; use mode='fixed'")
+
+
+def _queries_and_keys(attn: nn.Module, q: torch.Tensor, k: torch.Tensor):
+    """open_clip Attention's options on (..., H, N, D) queries and keys, in the form the op takes
+    (softmax(q k^T / sqrt(D))): qk_norm applies its LayerNorms; scaled_cosine (softmax(exp(s_h)
+    cos(q, k))) normalises both and folds exp(s_h) * sqrt(D) into the queries."""
+    if isinstance(attn, nn.MultiheadAttention):
+        return q, k
+    if attn.logit_scale is not None:
+        scale = torch.clamp(attn.logit_scale, max=attn.logit_scale_max).exp() * q.shape[-1] ** 0.5  # (H, 1, 1)
+        return F.normalize(q, dim=-1) * scale.to(q.dtype), F.normalize(k, dim=-1)
+    return attn.ln_q(q), attn.ln_k(k)
+
+
+def _keys(attn: nn.Module, k: torch.Tensor) -> torch.Tensor:
+    """The keys' half of _queries_and_keys (prompt keys, projected on their own)."""
+    if isinstance(attn, nn.MultiheadAttention):
+        return k
+    return F.normalize(k, dim=-1) if attn.logit_scale is not None else attn.ln_k(k)
+
+
+def _merge_heads(attn: nn.Module, out: torch.Tensor) -> torch.Tensor:
+    """(B, H, N, D) attention output -> (B, N, W), with open_clip Attention's head_scale and inner
+    norm (both per token: they commute with picking rows)."""
+    if not isinstance(attn, nn.MultiheadAttention) and attn.head_scale is not None:
+        out = out * attn.head_scale.to(out.dtype)
+    out = out.transpose(1, 2).flatten(2)
+    return out if isinstance(attn, nn.MultiheadAttention) else attn.ln_inner(out)
 
 
 @dataclass
@@ -69,7 +131,7 @@ def image_parts(model: nn.Module) -> TowerParts:
     blocks = list(visual.transformer.resblocks)
     for i, block in enumerate(blocks):
         _check_block("image", i, block)
-    return TowerParts("image", blocks, blocks[0].attn.embed_dim, blocks[0].attn.num_heads, causal=False)
+    return TowerParts("image", blocks, attention_width(blocks[0].attn), blocks[0].attn.num_heads, causal=False)
 
 
 def text_module(model: nn.Module) -> nn.Module:
@@ -94,7 +156,7 @@ def text_parts(model: nn.Module) -> TowerParts:
     blocks = list(text.transformer.resblocks)
     for i, block in enumerate(blocks):
         _check_block("text", i, block)
-    return TowerParts("text", blocks, blocks[0].attn.embed_dim, blocks[0].attn.num_heads, causal=True)
+    return TowerParts("text", blocks, attention_width(blocks[0].attn), blocks[0].attn.num_heads, causal=True)
 
 
 def text_pool_type(model) -> str:
@@ -165,12 +227,12 @@ def project_prompts(block: nn.Module, prompts: torch.Tensor):
     """ln_1, then the block's key and value projections: (P, W) -> two (H, P, head_dim) tensors;
     a batch of independent prompts (B, P, W) -> two (B, H, P, head_dim) tensors."""
     attn = block.attn
-    width = attn.embed_dim
+    width = attention_width(attn)
     bias = attn.in_proj_bias[width:] if attn.in_proj_bias is not None else None
     kv = F.linear(block.ln_1(prompts), attn.in_proj_weight[width:], bias)  # (..., P, 2W)
     kv = kv.unflatten(-1, (2, attn.num_heads, -1)).movedim(-3, 0)  # (2, ..., P, H, hd)
     pk, pv = kv.transpose(-3, -2).unbind(0)
-    return pk, pv
+    return _keys(attn, pk), pv
 
 
 def attention_with_own_prompts(q, k, v, pk, pv, causal: bool) -> torch.Tensor:
@@ -195,6 +257,7 @@ def prompted_block(block: nn.Module, x: torch.Tensor, prompt_kv, candidate_lengt
     with nvtx_range(f"{name}/attn"):
         q, k, v = F.linear(block.ln_1(x), attn.in_proj_weight, attn.in_proj_bias).chunk(3, dim=-1)
         q, k, v = _heads(q, heads), _heads(k, heads), _heads(v, heads)
+        q, k = _queries_and_keys(attn, q, k)
         if prompt_kv is None:
             out = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
         elif prompt_kv[0].dim() == 4:  # one prompt set per sequence
@@ -202,7 +265,7 @@ def prompted_block(block: nn.Module, x: torch.Tensor, prompt_kv, candidate_lengt
         else:
             out = mixture_prefix_attention(q, k, v, prompt_kv[0], prompt_kv[1], candidate_lengths, weights,
                                            causal=causal, impl=impl)
-        out = out.transpose(1, 2).flatten(2)  # (B, N, W)
+        out = _merge_heads(attn, out)  # (B, N, W)
     if keep_rows is not None:
         rows = torch.arange(x.shape[0], device=x.device)
         x, out = x[rows, keep_rows].unsqueeze(1), out[rows, keep_rows].unsqueeze(1)
