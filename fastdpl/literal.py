@@ -15,7 +15,11 @@ import torch
 import torch.nn.functional as F
 
 from .templates import tokenize_classes
-from .towers import image_embeddings, image_head, text_embeddings, text_head, text_module
+
+
+def _text(model):
+    """open_clip's text tower: the CLIP itself, or CustomTextCLIP's ``.text``."""
+    return model.text if hasattr(model, "text") and hasattr(model.text, "transformer") else model
 
 
 def _candidates(dpl, tower: str, block: int, overrides=None):
@@ -53,17 +57,16 @@ def _literal_block(block, x, candidates, causal_mask):
 
 
 def literal_encode_image(dpl, images: torch.Tensor) -> torch.Tensor:
-    visual = dpl.model.visual
-    x = image_embeddings(visual, images.to(visual.conv1.weight.dtype))
-    for b, block in enumerate(dpl._parts["image"].blocks):
+    x = dpl.adapter.image_embeddings(images)
+    for b, block in enumerate(dpl.adapter.image.blocks):
         x = _literal_block(block, x, _candidates(dpl, "image", b), None)
-    return image_head(visual, x[:, 0])
+    return dpl.adapter.image_head(x[:, 0])
 
 
 def literal_token_embeddings(dpl) -> torch.Tensor:
     """The text input's token embeddings over all positions, from the templates themselves: each
     template's class texts tokenized and embedded, then averaged (one template: itself)."""
-    embedding = text_module(dpl.model).token_embedding
+    embedding = dpl.adapter.token_embedding
     length = dpl.class_tokens.shape[1]
     per_template = [embedding(tokenize_classes(dpl.classnames, t, None, length).to(embedding.weight.device))
                     for t in dpl.templates]
@@ -74,17 +77,17 @@ def literal_encode_text(dpl, context=None, text_prompts=None) -> torch.Tensor:
     """All class texts over all positions; ``context`` (n, W) replaces tokens 1..n (CoOp/TPT),
     ``text_prompts`` {block: (n_b, W)} replaces a fixed-mode module's text prompts."""
     tokens = dpl.class_tokens
-    x = text_embeddings(dpl.model, literal_token_embeddings(dpl))
+    x = dpl.adapter.text_embeddings(literal_token_embeddings(dpl))
     if context is not None:  # swap the words' embeddings for the context, positions kept
-        pos = text_module(dpl.model).positional_embedding[1:1 + context.shape[0]].to(x.dtype)
+        pos = _text(dpl.model).positional_embedding[1:1 + context.shape[0]].to(x.dtype)
         x = x.clone()
         x[:, 1:1 + context.shape[0]] = context.to(x.dtype) + pos
     n = tokens.shape[1]
     causal = torch.full((n, n), float("-inf"), dtype=x.dtype, device=x.device).triu(1)
-    for b, block in enumerate(dpl._parts["text"].blocks):
+    for b, block in enumerate(dpl.adapter.text.blocks):
         x = _literal_block(block, x, _candidates(dpl, "text", b, text_prompts), causal)
     rows = torch.arange(tokens.shape[0], device=tokens.device)
-    return text_head(dpl.model, x[rows, dpl.end_of_text])
+    return dpl.adapter.text_head(x[rows, dpl.end_of_text])
 
 
 def literal_logits(dpl, images: torch.Tensor) -> torch.Tensor:
@@ -148,8 +151,8 @@ def _literal_context_prompts(method, ctx: torch.Tensor) -> tuple[torch.Tensor, t
     model, n = method.model, method.n_ctx
     names = [c.replace("_", " ") for c in method.classnames]
     tokens = open_clip.tokenize([" ".join(["X"] * n) + f" {name}." for name in names],
-                                context_length=text_module(model).positional_embedding.shape[0])
-    embedded = text_module(model).token_embedding(tokens.to(ctx.device))
+                                context_length=_text(model).positional_embedding.shape[0])
+    embedded = _text(model).token_embedding(tokens.to(ctx.device))
     prefix, suffix = embedded[:, :1], embedded[:, 1 + n:]
     ctx = ctx.expand(len(names), *ctx.shape[-2:]) if ctx.dim() == 2 else ctx
     prompts = []
@@ -169,7 +172,7 @@ def _literal_context_prompts(method, ctx: torch.Tensor) -> tuple[torch.Tensor, t
 def _literal_text_features(model, prompts: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
     """open_clip's text transformer over all positions (its causal mask), then its final norm and
     projection at the end-of-text tokens."""
-    text = text_module(model)
+    text = _text(model)
     x = prompts + text.positional_embedding.to(prompts.dtype)
     x = text.ln_final(text.transformer(x, attn_mask=text.attn_mask))
     return x[torch.arange(x.shape[0]), tokens.argmax(-1)] @ text.text_projection

@@ -34,10 +34,7 @@ from .config import TOWERS, PromptConfig
 from .ops import IMPLS, normalize_candidate_lengths
 from .profiling import nvtx_range
 from .templates import resolve_template, tokenize_classes
-from .towers import (
-    check_mixable, end_of_text_positions, image_embeddings, image_head, image_parts, place_context, project_prompts, prompted_block,
-    text_embeddings, text_head, text_module, text_parts,
-)
+from .adapters import adapt, check_mixable, place_context, project_prompts, prompted_block
 
 MODES = ("search", "fixed")
 # The exact savings of DESIGN section 2; tests switch each off to show it changes no output.
@@ -90,7 +87,8 @@ class FastDPLPrompt(nn.Module):
             raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
         if text_chunk_size is not None and (not isinstance(text_chunk_size, int) or text_chunk_size < 1):
             raise ValueError(f"text_chunk_size must be a positive int or None, got {text_chunk_size!r}")
-        self._parts = {"image": image_parts(model), "text": text_parts(model)}
+        self.adapter = adapt(model)  # the only place that knows the model's module names
+        self._parts = {"image": self.adapter.image, "text": self.adapter.text}
         self.model = model
         for p in model.parameters():
             p.requires_grad_(False)
@@ -107,7 +105,7 @@ class FastDPLPrompt(nn.Module):
             self.candidate_lengths = lengths
             self.config = None
             for tower in towers:
-                check_mixable(tower, self._parts[tower].blocks)
+                check_mixable(self._parts[tower])
             self.prompted = {t: [lengths] * len(self._parts[t].blocks) for t in towers}
         else:
             if config is None or not isinstance(config, PromptConfig):
@@ -134,25 +132,25 @@ class FastDPLPrompt(nn.Module):
                 shape = (len(self._parts[tower].blocks), len(self.candidate_lengths))
                 self.arch_logits[tower] = nn.Parameter(1e-3 * torch.randn(shape, generator=generator))
 
-        context_length = text_module(model).positional_embedding.shape[0]
+        context_length = self.adapter.context_length
         per_template = [tokenize_classes(self.classnames, t, tokenizer, context_length) for t in self.templates]
         tokens = per_template[-1]  # an ensemble reads the last template's end-of-text position
         # An ensemble's input is the per-position mean of its templates' token embeddings (in float64,
         # then the model's dtype); a single template looks its embeddings up on the fly.
         ensemble = None
         if len(per_template) > 1:
-            embedding = text_module(model).token_embedding
+            embedding = self.adapter.token_embedding
             with torch.no_grad():
                 ensemble = torch.stack([embedding(t.to(embedding.weight.device)).double() for t in per_template])
                 ensemble = ensemble.mean(0).to(embedding.weight.dtype)
         self.register_buffer("_ensemble_embeddings", ensemble, persistent=False)
-        eot = end_of_text_positions(model, tokens)
+        eot = self.adapter.end_of_text(tokens)
         self.register_buffer("class_tokens", tokens, persistent=False)
         self.register_buffer("end_of_text", eot, persistent=False)
         self._end_of_text_list = eot.tolist()  # host-side: the truncation lengths are static
         self.register_buffer("_one", torch.ones(1), persistent=False)
         self._text_cache = None
-        self._savings = set(SAVINGS)
+        self._savings = set(SAVINGS) & self.adapter.savings  # only where exact for this family
         self._to_backbone_device()
 
     # ---- construction helpers ------------------------------------------------------------------------
@@ -256,9 +254,7 @@ class FastDPLPrompt(nn.Module):
     def _check_images(self, images):
         if not isinstance(images, torch.Tensor):
             raise TypeError(f"images must be a torch.Tensor, got {type(images).__name__}")
-        visual = self.model.visual
-        channels = visual.conv1.in_channels
-        size = tuple(getattr(visual, "image_size", ()))
+        channels, size = self.adapter.image_channels, self.adapter.image_size
         if images.dim() != 4 or images.shape[1] != channels:
             raise ValueError(f"images must have shape (B, {channels}, H, W), got {tuple(images.shape)}")
         if size and tuple(images.shape[2:]) != size:
@@ -271,17 +267,18 @@ class FastDPLPrompt(nn.Module):
         """Image features (B, embed_dim), unnormalised."""
         if not torch.compiler.is_compiling():
             self._check_images(images)
-        visual = self.model.visual
-        dtype = visual.conv1.weight.dtype
-        x = image_embeddings(visual, images.to(dtype))
+        adapter = self.adapter
+        x = adapter.image_embeddings(images)
         blocks = self._parts["image"].blocks
-        class_rows = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
-        for b, (block, (kv, lengths, weights)) in enumerate(zip(blocks, self._block_inputs("image", dtype))):
+        pooled = adapter.image_pooled_rows(x.shape[0], x.device)  # the row the feature is read from
+        for b, (block, (kv, lengths, weights)) in enumerate(zip(blocks, self._block_inputs("image", x.dtype))):
             name = f"fastdpl/image/block{b}"
             with nvtx_range(name):
-                keep = class_rows if b == len(blocks) - 1 and "last_block_rows" in self._savings else None
+                keep = pooled if b == len(blocks) - 1 and "last_block_rows" in self._savings else None
                 x = prompted_block(block, x, kv, lengths, weights, False, self.impl, keep_rows=keep, name=name)
-        return image_head(visual, x[:, 0])
+        if x.shape[1] != 1:
+            x = x[torch.arange(x.shape[0], device=x.device), pooled].unsqueeze(1)
+        return adapter.image_head(x[:, 0])
 
     def _text_trainables(self):
         return [p for k, p in self.prompts.items() if k.startswith("text_")] + \
@@ -292,7 +289,7 @@ class FastDPLPrompt(nn.Module):
         own, or an ensemble's mean."""
         if self._ensemble_embeddings is not None:
             return self._ensemble_embeddings[classes, :length]
-        return text_module(self.model).token_embedding(self.class_tokens[classes, :length])
+        return self.adapter.token_embedding(self.class_tokens[classes, :length])
 
     def text_length(self, classes: slice = slice(None)) -> int:
         """Positions the text tower runs for ``classes``: up to the longest end-of-text token (causal
@@ -303,7 +300,7 @@ class FastDPLPrompt(nn.Module):
 
     def text_block_inputs(self, skip=()):
         """The text tower's per-block prompt inputs for encode_text_embeddings (prompts projected once)."""
-        return self._block_inputs("text", text_module(self.model).token_embedding.weight.dtype, skip=skip)
+        return self._block_inputs("text", self.adapter.text_dtype, skip=skip)
 
     def encode_text_embeddings(self, embeddings: torch.Tensor, end_of_text: torch.Tensor,
                                block_inputs=None) -> torch.Tensor:
@@ -311,7 +308,7 @@ class FastDPLPrompt(nn.Module):
         ``end_of_text`` (S,): the text tower with this module's prompts (``block_inputs``, default
         text_block_inputs()) and its savings (the last block computes the end-of-text rows only)."""
         block_inputs = self.text_block_inputs() if block_inputs is None else block_inputs
-        x = text_embeddings(self.model, embeddings)
+        x = self.adapter.text_embeddings(embeddings)
         blocks = self._parts["text"].blocks
         for b, (block, (kv, lengths, weights)) in enumerate(zip(blocks, block_inputs)):
             name = f"fastdpl/text/block{b}"
@@ -320,7 +317,7 @@ class FastDPLPrompt(nn.Module):
                 x = prompted_block(block, x, kv, lengths, weights, True, self.impl, keep_rows=keep, name=name)
         if "last_block_rows" not in self._savings:
             x = x[torch.arange(x.shape[0], device=x.device), end_of_text].unsqueeze(1)
-        return text_head(self.model, x[:, 0])
+        return self.adapter.text_head(x[:, 0])
 
     def chunked_text(self, count: int, encode: Callable[[int, int], torch.Tensor]) -> torch.Tensor:
         """``encode(lo, hi)`` over [0, count) in chunks of ``text_chunk_size`` (all at once when None),
@@ -375,7 +372,7 @@ class FastDPLPrompt(nn.Module):
         if text_prompts and self.mode != "fixed":
             raise ValueError("text_prompts replace a fixed-mode module's prompts (mode='fixed')")
         groups, classes = given[0].shape[0], self.num_classes
-        dtype = text_module(self.model).token_embedding.weight.dtype
+        dtype = self.adapter.text_dtype
         inputs = self.text_block_inputs(skip=set(text_prompts))
         for b, prompt in text_prompts.items():
             block = self._parts["text"].blocks[b]
@@ -407,10 +404,19 @@ class FastDPLPrompt(nn.Module):
         return self.logits(image_features, text_features)
 
     def logits(self, image_features: torch.Tensor, text_features: torch.Tensor) -> torch.Tensor:
-        """CLIP's head: logit_scale * cos(image, text) (+ logit_bias where the model has one)."""
-        logits = self.model.logit_scale.exp() * F.normalize(image_features, dim=-1) @ \
-            F.normalize(text_features, dim=-1).T
-        bias = getattr(self.model, "logit_bias", None)
+        """CLIP's head: logit_scale * cos(image, text) (+ logit_bias where the model has one).
+
+        (B, E) x (C, E) -> (B, C); (B, E) x (B, C, E) -> (B, C), each image with its own class texts
+        (CoCoOp); (G, V, E) x (G, C, E) -> (G, V, C), G groups of V views (TPT)."""
+        image, text = F.normalize(image_features, dim=-1), F.normalize(text_features, dim=-1)
+        if text.dim() == 2:
+            cosine = image @ text.T
+        elif image.dim() == 2:
+            cosine = torch.einsum("be,bce->bc", image, text)
+        else:
+            cosine = torch.einsum("gve,gce->gvc", image, text)
+        logits = self.adapter.logit_scale.exp() * cosine
+        bias = self.adapter.logit_bias
         return logits + bias if bias is not None else logits
 
     def train(self, mode: bool = True):

@@ -28,14 +28,12 @@ import math
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from .data.augmix import SEVERITY, augmix
 from .dtypes import at_least_float32
 from .profiling import nvtx_range
 from .methods.context import CoOpPrompt
 from .prompt import FastDPLPrompt
-from .towers import text_module
 
 TUNE = ("auto", "context", "text_prompts")
 
@@ -182,7 +180,7 @@ class TestTimePromptTuner:
         tokens = self.dpl.class_tokens
         if n == 0 or not torch.equal(tokens[:, 1:1 + n].cpu(), ids.expand(tokens.shape[0], n)):
             raise ValueError(f"context {words!r}: the template {self.dpl.templates[0]!r} must start with these words")
-        return text_module(self.dpl.model).token_embedding(tokens[0, 1:1 + n]).detach()
+        return self.dpl.adapter.token_embedding(tokens[0, 1:1 + n]).detach()
 
     # ---- text features of G independent prompts ----
     def encode_text(self, tuned: dict) -> torch.Tensor:
@@ -195,11 +193,7 @@ class TestTimePromptTuner:
 
     def _logits(self, image_features: torch.Tensor, text_features: torch.Tensor) -> torch.Tensor:
         """(G, V, E) x (G, C, E) -> (G, V, C) CLIP logits."""
-        model = self.dpl.model
-        logits = model.logit_scale.exp() * torch.einsum("gve,gce->gvc", F.normalize(image_features, dim=-1),
-                                                         F.normalize(text_features, dim=-1))
-        bias = getattr(model, "logit_bias", None)
-        return logits + bias if bias is not None else logits
+        return self.dpl.logits(image_features, text_features)
 
     def _check_views(self, views: torch.Tensor) -> None:
         if not isinstance(views, torch.Tensor) or views.dim() != 5:

@@ -11,7 +11,6 @@ import sys
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 from PIL import Image
 from torchvision import transforms as T
 

@@ -7,7 +7,7 @@ import torch
 import fastdpl.profiling as profiling
 from fastdpl import FastDPLPrompt, PromptConfig
 from fastdpl.literal import literal_logits
-from fastdpl.towers import UnsupportedModelError
+from fastdpl.adapters import UnsupportedModelError
 from helpers import CLASSNAMES, TRITON_DEVICE, normalised_error, tiny_clip
 
 needs_triton = pytest.mark.skipif(TRITON_DEVICE is None, reason="Triton needs CUDA or TRITON_INTERPRET=1")
@@ -238,7 +238,7 @@ def test_paper_and_normal_initialisations():
 
 
 def test_set_impl_switches_engine(monkeypatch):
-    import fastdpl.towers as towers
+    import fastdpl.adapters.base as towers
 
     seen = []
     real = towers.mixture_prefix_attention

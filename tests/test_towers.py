@@ -9,7 +9,7 @@ import torch
 
 from fastdpl import FastDPLPrompt, PromptConfig
 from fastdpl.literal import literal_logits
-from fastdpl.towers import UnsupportedModelError
+from fastdpl.adapters import UnsupportedModelError
 from helpers import CLASSNAMES, normalised_error, tiny_clip
 from openclip_next import convert
 

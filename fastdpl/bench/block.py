@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from fastdpl.literal import _literal_block
-from fastdpl.towers import project_prompts, prompted_block
+from fastdpl.adapters import project_prompts, prompted_block
 from .suite import Suite, add_ratios, run_suite, suite_main, table, time_calls
 
 

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from fastdpl.adapters import adapt
 from fastdpl.literal import literal_context_logits
 from fastdpl.methods import CoCoOpPrompt
 from .step import build_model, classnames
@@ -47,8 +48,7 @@ SMOKE_SHAPES = [CoCoOpShape("smoke", "tiny", 2, 5)]
 def make_calls(shape: CoCoOpShape, device, dtype, impl) -> dict:
     """{provider: call(i)}: one training step on image batch i (two batches rotate)."""
     model = build_model(shape.model, device).to(dtype)
-    size = model.visual.image_size
-    size = size[0] if isinstance(size, (tuple, list)) else size
+    size = adapt(model).image_size[0]
     names = classnames(shape.classes)
     modules = {"fast": CoCoOpPrompt(model, names, impl=impl),
                "fast_chunked": CoCoOpPrompt(model, names, impl=impl, text_chunk_size=CHUNK)}

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from fastdpl.adapters import adapt
 from fastdpl.config import PromptConfig
 from fastdpl.literal import literal_logits
 from fastdpl.prompt import FastDPLPrompt
@@ -110,7 +111,7 @@ def providers(model, shape: StepShape, impl: str):
 def make_calls(shape: StepShape, device, dtype, impl) -> dict:
     """{provider: call(i)}: one step on input set i (two random image batches rotate)."""
     model = build_model(shape.model, device).to(dtype)
-    image_size = model.visual.image_size[0]
+    image_size = adapt(model).image_size[0]
     gen = torch.Generator().manual_seed(0)
     image_sets = [torch.randn(shape.batch, 3, image_size, image_size, generator=gen).to(device, dtype)
                   for _ in range(2)]

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
+from fastdpl.adapters import adapt
 from fastdpl.config import PromptConfig
 from fastdpl.literal import literal_tpt_predict
 from fastdpl.prompt import FastDPLPrompt
@@ -43,10 +44,14 @@ CPU_SHAPES = [TPTShape("b32-16v-100cls", "ViT-B-32", 16, 100)]
 SMOKE_SHAPES = [TPTShape("smoke", "tiny", 4, 5)]
 
 
+def _blocks(model) -> dict:
+    adapter = adapt(model)
+    return {"image": len(adapter.image.blocks), "text": len(adapter.text.blocks)}
+
+
 def providers(model, shape: TPTShape, impl: str):
     dpl = FastDPLPrompt(model, classnames(shape.classes), mode="fixed", impl=impl,
-                        config=PromptConfig.zero_shot({"image": len(model.visual.transformer.resblocks),
-                                                       "text": len(model.transformer.resblocks)}))
+                        config=PromptConfig.zero_shot(_blocks(model)))
     tuner = TestTimePromptTuner(dpl, tune="context", keep_fraction=0.1)
     return {
         "fast": lambda views: tuner.predict(views[:1]),
@@ -58,8 +63,7 @@ def providers(model, shape: TPTShape, impl: str):
 def make_calls(shape: TPTShape, device, dtype, impl) -> dict:
     """{provider: call(i)}: TPT on input set i (two random view sets rotate; the group provider takes 4 images)."""
     model = build_model(shape.model, device).to(dtype)
-    size = model.visual.image_size
-    size = size[0] if isinstance(size, (tuple, list)) else size
+    size = adapt(model).image_size[0]
     gen = torch.Generator().manual_seed(0)
     view_sets = [torch.randn(GROUP, shape.views, 3, size, size, generator=gen).to(device, dtype) for _ in range(2)]
     return {name: functools.partial(lambda fn, i: fn(view_sets[i % 2]), fn)

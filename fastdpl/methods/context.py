@@ -31,7 +31,7 @@ import torch.nn.functional as F
 
 from ..config import PromptConfig
 from ..prompt import FastDPLPrompt
-from ..towers import image_parts, place_context, text_module, text_parts
+from ..adapters import adapt, place_context
 
 POSITIONS = ("end", "middle", "front")
 STATE_FORMAT = "fastdpl-context-v1"
@@ -73,15 +73,15 @@ class CoOpPrompt(nn.Module):
             raise ValueError(f"ctx_init must be words such as 'a photo of a' or None, got {ctx_init!r}")
         if ctx_init is None and (isinstance(n_ctx, bool) or not isinstance(n_ctx, int) or n_ctx < 1):
             raise ValueError(f"n_ctx must be a positive int, got {n_ctx!r}")
-        image_parts(model), text_parts(model)  # refuse unsupported towers before any work
+        adapter = adapt(model)  # refuses unsupported towers before any work
         if ctx_init is not None:
             ctx_init = ctx_init.replace("_", " ").strip()
             n_ctx = _bpe_length(ctx_init)
         self.n_ctx, self.ctx_init = n_ctx, ctx_init
         self.class_specific, self.class_token_position = bool(class_specific), class_token_position
         names = FastDPLPrompt._check_classnames(classnames)
-        tokens, slots = self._arrange(names, text_module(model).positional_embedding.shape[0])
-        blocks = {"image": len(image_parts(model).blocks), "text": len(text_parts(model).blocks)}
+        tokens, slots = self._arrange(names, adapter.context_length)
+        blocks = {"image": len(adapter.image.blocks), "text": len(adapter.text.blocks)}
         # The frozen CLIP as fastdpl runs it: no prompts; the class texts are the arranged token ids.
         self.clip = FastDPLPrompt(model, names, mode="fixed", config=PromptConfig.zero_shot(blocks), template="{}",
                                   tokenizer=lambda texts: tokens, impl=impl, text_chunk_size=text_chunk_size)
@@ -123,7 +123,7 @@ class CoOpPrompt(nn.Module):
         return tokens, None if self.class_token_position == "end" else slots
 
     def _initial_context(self, num_classes: int, generator) -> torch.Tensor:
-        embedding = text_module(self.clip.model).token_embedding
+        embedding = self.clip.adapter.token_embedding
         shape = (num_classes, self.n_ctx) if self.class_specific else (self.n_ctx,)
         if self.ctx_init is None:
             generator = generator if generator is not None else torch.Generator().manual_seed(0)
@@ -167,7 +167,7 @@ class CoOpPrompt(nn.Module):
         longest end-of-text token (causal attention: later positions never reach it)."""
         clip = self.clip
         length = clip.text_length()
-        return text_module(clip.model).token_embedding(clip.class_tokens[:, :length]), length
+        return clip.adapter.token_embedding(clip.class_tokens[:, :length]), length
 
     def _encode_sequences(self, embeddings, classes: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         """Text features of S sequences: class ``classes`` (S,) under ``context`` (S, n, W)."""
@@ -259,7 +259,7 @@ class CoCoOpPrompt(CoOpPrompt):
             raise ValueError("CoCoOp has one context shared by all classes: class_specific is not supported")
         super().__init__(model, classnames, n_ctx=n_ctx, ctx_init=ctx_init, class_token_position=class_token_position,
                          impl=impl, text_chunk_size=text_chunk_size, generator=generator)
-        features = model.visual.output_dim  # the image feature's width
+        features = self.clip.adapter.image_feature_width
         width = self.ctx.shape[-1]
         seed = int(torch.randint(2**62, (1,), generator=generator).item()) if generator is not None else 0
         with torch.random.fork_rng(devices=[]):  # nn.Linear draws from the global RNG; the caller's is kept
@@ -281,11 +281,7 @@ class CoCoOpPrompt(CoOpPrompt):
 
     def logits_with_context(self, image_features: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         """(B, C) logits of B images, image b against the class texts under context[b] (B, n, W)."""
-        text = F.normalize(self.encode_text_with_context(context), dim=-1)
-        model = self.model
-        logits = model.logit_scale.exp() * torch.einsum("be,bce->bc", F.normalize(image_features, dim=-1), text)
-        bias = getattr(model, "logit_bias", None)
-        return logits + bias if bias is not None else logits
+        return self.clip.logits(image_features, self.encode_text_with_context(context))
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         image_features = self.encode_image(images)

@@ -24,7 +24,7 @@ from ..methods.context import STATE_FORMAT as CONTEXT_FORMAT
 from ..models import load_clip
 from ..prompt import FastDPLPrompt
 from ..templates import CUSTOM_TEMPLATES, IMAGENET_TEMPLATES, resolve_template, tokenize_classes
-from ..towers import image_parts, text_parts
+from ..adapters import adapt
 from .classifier import wrap
 from .config import RunConfig
 from .evaluation import evaluate_and_write, tally
@@ -60,9 +60,7 @@ def prepare(cfg: RunConfig, stage: str = "search") -> Job:
     cache = cfg.split_cache or str(Path(cfg.output).parent / "splits" / cfg.dataset.replace(":", "_").replace("/", "_"))
     splits = subsample_classes(fewshot_splits(load_dataset(cfg.dataset, cfg.root), cfg.shots, cfg.seed,
                                               cache_dir=cache if ranks.main else None), cfg.subsample)
-    size = model.visual.image_size
-    return Job(cfg, ranks, device, model, splits, size[0] if isinstance(size, (tuple, list)) else size,
-               stage_template(cfg, stage))
+    return Job(cfg, ranks, device, model, splits, adapt(model).image_size[0], stage_template(cfg, stage))
 
 
 def stage_template(cfg: RunConfig, stage: str) -> str:
@@ -95,7 +93,8 @@ def build_dpl(job: Job, classnames, mode: str, config: PromptConfig | None = Non
 
 
 def block_counts(model) -> dict:
-    return {"image": len(image_parts(model).blocks), "text": len(text_parts(model).blocks)}
+    adapter = adapt(model)
+    return {"image": len(adapter.image.blocks), "text": len(adapter.text.blocks)}
 
 
 # ---- search -------------------------------------------------------------------------------------------
@@ -180,10 +179,8 @@ def teacher_templates(cfg: RunConfig) -> tuple[str, ...]:
 def zero_shot_teacher(job: Job, classnames):
     """Zero-shot CLIP logits as a function of the images; text features average the normalised
     features of the teacher's templates (CLIP's prompt ensembling)."""
-    from ..towers import text_module
-
-    model = job.model
-    context = text_module(model).positional_embedding.shape[0]
+    model = adapt(job.model)
+    context = model.context_length
     with torch.no_grad():
         per_template = [F.normalize(at_least_float32(model.encode_text(
             tokenize_classes(classnames, t, None, context).to(job.device))), dim=-1)
@@ -193,7 +190,7 @@ def zero_shot_teacher(job: Job, classnames):
     def logits(images):
         with torch.no_grad():
             image = F.normalize(at_least_float32(model.encode_image(images)), dim=-1)
-            return model.logit_scale.exp() * image @ text.T
+            return model.logit_scale.exp() * image @ text.T  # the frozen model's own head
     return logits
 
 

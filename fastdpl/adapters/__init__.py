@@ -1,0 +1,28 @@
+"""Tower adapters: the only place that knows a library's module names (base.py says what a family
+provides). ``adapt(model)`` picks the family of a model; ``prompted_block`` and ``project_prompts``
+run any family's block.
+
+Families: open_clip (open_clip.py).
+"""
+from __future__ import annotations
+
+from .base import (
+    Tower, UnsupportedModelError, attention_with_own_prompts, block_ops, check_mixable, place_context,
+    project_prompts, prompted_block,
+)
+from .open_clip import OpenClipAdapter
+
+ADAPTERS = [OpenClipAdapter]
+
+
+def adapt(model):
+    """The adapter of ``model``'s family; UnsupportedModelError naming what is missing otherwise."""
+    for adapter in ADAPTERS:
+        if adapter.matches(model):
+            return adapter(model)
+    raise UnsupportedModelError(f"{type(model).__name__} is not a supported CLIP: fastdpl runs open_clip's CLIP "
+                                "(a model with .visual, a text transformer and .logit_scale)")
+
+
+__all__ = ["adapt", "Tower", "UnsupportedModelError", "attention_with_own_prompts", "block_ops", "check_mixable",
+           "place_context", "project_prompts", "prompted_block", "ADAPTERS"]
