@@ -30,8 +30,9 @@ setup(
         "matplotlib>=3.7",
     ],
     extras_require={
-        "test": ["pytest>=8", "pytest-benchmark>=4", "tensorboard>=2.14"],
+        "test": ["pytest>=8", "pytest-benchmark>=4", "tensorboard>=2.14", "transformers>=4.40"],
         "tensorboard": ["tensorboard>=2.14"],  # TensorBoard events beside each stage's metrics.jsonl
+        "hf": ["transformers>=4.40"],  # Hugging Face CLIPModel backbones (fastdpl.adapters.hf_clip)
     },
     entry_points={"console_scripts": ["fastdpl=fastdpl.cli:main"]},
 )

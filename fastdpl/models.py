@@ -2,6 +2,8 @@
 
 ``load_clip(name, pretrained)``:
 
+* ``name`` a folder holding a Hugging Face transformers CLIP (``save_pretrained``:
+  config.json and weights): loaded with transformers (``pip install 'fastdpl[hf]'``);
 * ``name="tiny"``: the tiny CLIP shipped in ``fastdpl/assets`` (offline demo);
   ``pretrained`` may name another file written by ``save_tiny_clip`` (anything
   else, tags included, means the shipped checkpoint).
@@ -73,6 +75,21 @@ def _cached_weights(name: str, tag: str) -> str | None:
     return None
 
 
+def load_hf_clip(folder: Path, device="cpu"):
+    """A Hugging Face transformers CLIP saved in ``folder`` (save_pretrained: config.json and weights)."""
+    import json
+
+    try:
+        import transformers
+    except ImportError as exc:
+        raise ModelLoadError(f"{folder} is a Hugging Face model folder: install transformers "
+                             "(pip install 'fastdpl[hf]')") from exc
+    kind = json.loads((folder / "config.json").read_text()).get("model_type")
+    if kind != "clip":
+        raise ModelLoadError(f"{folder}: model_type {kind!r} is not supported (fastdpl loads 'clip' folders)")
+    return transformers.CLIPModel.from_pretrained(folder).to(device).eval()
+
+
 def load_clip(name: str = "ViT-B-16", pretrained: str | None = "openai", device="cpu"):
     """A CLIP model in eval mode on ``device`` (see the module docstring for what is accepted)."""
     import open_clip
@@ -81,6 +98,8 @@ def load_clip(name: str = "ViT-B-16", pretrained: str | None = "openai", device=
         # pretrained: a file written by save_tiny_clip, else the shipped checkpoint (tags mean nothing here)
         own = pretrained if pretrained and Path(str(pretrained)).expanduser().is_file() else None
         return load_tiny_clip(own).to(device)
+    if (Path(name).expanduser() / "config.json").is_file():
+        return load_hf_clip(Path(name).expanduser(), device)
     known = open_clip.list_models()
     if not name.startswith("hf-hub:") and name not in known:
         raise ModelLoadError(f"unknown model {name!r}: use 'tiny', an open_clip name such as "

@@ -2,7 +2,7 @@
 provides). ``adapt(model)`` picks the family of a model; ``prompted_block`` and ``project_prompts``
 run any family's block.
 
-Families: open_clip (open_clip.py).
+Families: open_clip (open_clip.py), Hugging Face transformers' CLIPModel (hf_clip.py).
 """
 from __future__ import annotations
 
@@ -10,9 +10,10 @@ from .base import (
     Tower, UnsupportedModelError, attention_with_own_prompts, block_ops, check_mixable, place_context,
     project_prompts, prompted_block,
 )
+from .hf_clip import HFCLIPAdapter
 from .open_clip import OpenClipAdapter
 
-ADAPTERS = [OpenClipAdapter]
+ADAPTERS = [OpenClipAdapter, HFCLIPAdapter]
 
 
 def adapt(model):
@@ -21,7 +22,7 @@ def adapt(model):
         if adapter.matches(model):
             return adapter(model)
     raise UnsupportedModelError(f"{type(model).__name__} is not a supported CLIP: fastdpl runs open_clip's CLIP "
-                                "(a model with .visual, a text transformer and .logit_scale)")
+                                "and transformers' CLIPModel")
 
 
 __all__ = ["adapt", "Tower", "UnsupportedModelError", "attention_with_own_prompts", "block_ops", "check_mixable",
