@@ -270,12 +270,16 @@ class FastDPLPrompt(nn.Module):
         adapter = self.adapter
         x = adapter.image_embeddings(images)
         blocks = self._parts["image"].blocks
-        pooled = adapter.image_pooled_rows(x.shape[0], x.device)  # the row the feature is read from
+        # the row the feature is read from (class token), or None when the head pools every row
+        pooled = adapter.image_pooled_rows(x.shape[0], x.device)
+        last = len(blocks) - 1
         for b, (block, (kv, lengths, weights)) in enumerate(zip(blocks, self._block_inputs("image", x.dtype))):
             name = f"fastdpl/image/block{b}"
             with nvtx_range(name):
-                keep = pooled if b == len(blocks) - 1 and "last_block_rows" in self._savings else None
+                keep = pooled if b == last and pooled is not None and "last_block_rows" in self._savings else None
                 x = prompted_block(block, x, kv, lengths, weights, False, self.impl, keep_rows=keep, name=name)
+        if pooled is None:
+            return adapter.image_head(x)
         if x.shape[1] != 1:
             x = x[torch.arange(x.shape[0], device=x.device), pooled].unsqueeze(1)
         return adapter.image_head(x[:, 0])
@@ -314,7 +318,8 @@ class FastDPLPrompt(nn.Module):
             name = f"fastdpl/text/block{b}"
             with nvtx_range(name):
                 keep = end_of_text if b == len(blocks) - 1 and "last_block_rows" in self._savings else None
-                x = prompted_block(block, x, kv, lengths, weights, True, self.impl, keep_rows=keep, name=name)
+                x = prompted_block(block, x, kv, lengths, weights, self._parts["text"].causal, self.impl,
+                                   keep_rows=keep, name=name)
         if "last_block_rows" not in self._savings:
             x = x[torch.arange(x.shape[0], device=x.device), end_of_text].unsqueeze(1)
         return self.adapter.text_head(x[:, 0])

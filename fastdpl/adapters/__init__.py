@@ -2,7 +2,8 @@
 provides). ``adapt(model)`` picks the family of a model; ``prompted_block`` and ``project_prompts``
 run any family's block.
 
-Families: open_clip (open_clip.py), Hugging Face transformers' CLIPModel (hf_clip.py).
+Families: open_clip (open_clip.py), Hugging Face transformers' CLIPModel (hf_clip.py) and
+SiglipModel (hf_siglip.py).
 """
 from __future__ import annotations
 
@@ -11,9 +12,10 @@ from .base import (
     project_prompts, prompted_block,
 )
 from .hf_clip import HFCLIPAdapter
+from .hf_siglip import HFSiglipAdapter
 from .open_clip import OpenClipAdapter
 
-ADAPTERS = [OpenClipAdapter, HFCLIPAdapter]
+ADAPTERS = [OpenClipAdapter, HFCLIPAdapter, HFSiglipAdapter]
 
 
 def adapt(model):
@@ -22,7 +24,7 @@ def adapt(model):
         if adapter.matches(model):
             return adapter(model)
     raise UnsupportedModelError(f"{type(model).__name__} is not a supported CLIP: fastdpl runs open_clip's CLIP "
-                                "and transformers' CLIPModel")
+                                "and transformers' CLIPModel and SiglipModel")
 
 
 __all__ = ["adapt", "Tower", "UnsupportedModelError", "attention_with_own_prompts", "block_ops", "check_mixable",

@@ -1,0 +1,103 @@
+"""Hugging Face transformers' ``SiglipModel``: ViT image encoder with an attention-pooling head,
+non-causal text encoder read at its last position, and a logit bias.
+
+Blocks: ``SiglipEncoderLayer`` (the CLIPEncoderLayer structure: hf_clip.HFCLIPBlock runs it).
+
+Exact savings: the image feature pools every row (an attention-pooling head), so the image
+tower's last block computes all rows; the text tower is not causal, so it runs every position
+(no truncation); its feature is read at the last position only, so the text tower's last block
+computes that row alone.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from .base import UnsupportedModelError, make_tower
+
+
+class HFSiglipAdapter:
+    """transformers' SiglipModel as fastdpl runs it (references to its modules, never copies)."""
+
+    family = "hf_siglip"
+    savings = frozenset({"last_block_rows"})  # text only: see the module docstring
+
+    @staticmethod
+    def matches(model) -> bool:
+        return all(hasattr(model, n) for n in ("vision_model", "text_model", "logit_bias")) and \
+            hasattr(model.text_model, "head") and not hasattr(model, "visual_projection")
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self.vision, self.text_model = model.vision_model, model.text_model
+        if getattr(self.vision, "head", None) is None:
+            raise UnsupportedModelError("image tower: a SigLIP vision model without its pooling head is unsupported")
+        self.image = make_tower("image", self.vision.encoder.layers, causal=False)
+        self.text = make_tower("text", self.text_model.encoder.layers, causal=False)
+
+    # ---- image tower ----
+    @property
+    def image_size(self) -> tuple:
+        size = self.vision.config.image_size
+        return (size, size)
+
+    @property
+    def image_channels(self) -> int:
+        return self.vision.embeddings.patch_embedding.in_channels
+
+    @property
+    def image_dtype(self) -> torch.dtype:
+        return self.vision.embeddings.patch_embedding.weight.dtype
+
+    @property
+    def image_feature_width(self) -> int:
+        return self.vision.config.hidden_size
+
+    def image_embeddings(self, images: torch.Tensor) -> torch.Tensor:
+        return self.vision.embeddings(images.to(self.image_dtype))
+
+    def image_pooled_rows(self, batch: int, device):
+        return None  # the attention-pooling head reads every row
+
+    def image_head(self, tokens: torch.Tensor) -> torch.Tensor:
+        """post_layernorm on every token (B, N, W), then the attention-pooling head."""
+        return self.vision.head(self.vision.post_layernorm(tokens))
+
+    # ---- text tower ----
+    @property
+    def token_embedding(self) -> nn.Module:
+        return self.text_model.embeddings.token_embedding
+
+    @property
+    def context_length(self) -> int:
+        return self.text_model.embeddings.position_embedding.num_embeddings
+
+    @property
+    def text_dtype(self) -> torch.dtype:
+        return self.token_embedding.weight.dtype
+
+    def end_of_text(self, tokens: torch.Tensor) -> torch.Tensor:
+        """SigLIP reads the last position (padding included, as it was trained)."""
+        return torch.full((tokens.shape[0],), tokens.shape[1] - 1, dtype=torch.long, device=tokens.device)
+
+    def text_embeddings(self, embeddings: torch.Tensor) -> torch.Tensor:
+        positions = self.text_model.embeddings.position_embedding.weight[: embeddings.shape[1]]
+        return embeddings + positions.to(embeddings.dtype)
+
+    def text_head(self, rows: torch.Tensor) -> torch.Tensor:
+        return self.text_model.head(self.text_model.final_layer_norm(rows))
+
+    # ---- the model's own forward ----
+    def encode_image(self, images: torch.Tensor) -> torch.Tensor:
+        return self.model.get_image_features(pixel_values=images).pooler_output
+
+    def encode_text(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.model.get_text_features(input_ids=tokens).pooler_output
+
+    @property
+    def logit_scale(self) -> torch.Tensor:
+        return self.model.logit_scale
+
+    @property
+    def logit_bias(self):
+        return self.model.logit_bias
