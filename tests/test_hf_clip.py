@@ -91,18 +91,23 @@ def test_prompts_in_both_towers_match_a_literal_implementation_with_gradients(mo
     else:
         dpl = FastDPLPrompt(model, CLASSNAMES, mode="fixed", impl="eager",
                             config=PromptConfig({"image": (2, 0, 1), "text": (3, 1, 0)}))
+    assert_matches_literal(dpl, lambda images: literal_logits(dpl, model, images, _tokens()), _images())
+
+
+def assert_matches_literal(dpl, literal, images, tol=1e-5):
+    """Random alpha and prompts; the logits and every alpha/prompt gradient equal the literal's."""
     gen = torch.Generator().manual_seed(3)
     with torch.no_grad():
         for p in dpl.arch_parameters() + dpl.prompt_parameters():
             p.copy_(torch.randn(p.shape, generator=gen))
     params = dpl.arch_parameters() + dpl.prompt_parameters()
-    labels = torch.arange(3) % len(CLASSNAMES)
-    fast, ref = dpl(_images()), literal_logits(dpl, model, _images(), _tokens())
-    assert normalised_error(fast, ref) < 1e-5
+    labels = torch.arange(len(images)) % dpl.num_classes
+    fast, ref = dpl(images), literal(images)
+    assert normalised_error(fast, ref) < tol
     grads = torch.autograd.grad(F.cross_entropy(fast, labels), params)
     ref_grads = torch.autograd.grad(F.cross_entropy(ref, labels), params)
     for g, r in zip(grads, ref_grads):
-        assert r.abs().max() > 0 and normalised_error(g, r) < 1e-5
+        assert r.abs().max() > 0 and normalised_error(g, r) < tol
 
 
 def test_coop_and_the_savings_on_hf_clip():

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 
 from fastdpl import FastDPLPrompt, PromptConfig
 from helpers import CLASSNAMES, normalised_error
+from test_hf_clip import _literal_layer, assert_matches_literal  # CLIP-structure layers, written literally
 
 transformers = pytest.importorskip("transformers")
 LENGTH = 16  # SigLIP pads every text to the context length and reads the last position
@@ -59,24 +60,6 @@ def test_zero_length_prompts_are_the_models_own_forward_with_its_logit_bias():
     assert dpl.text_length() == LENGTH
 
 
-def _literal_layer(layer, x, candidates):
-    """One SiglipEncoderLayer with the candidates' prompts as extra keys and values (no mask)."""
-    attn = layer.self_attn
-    h = layer.layer_norm1(x)
-    batch, n, width = h.shape
-    split = lambda t: t.view(t.shape[0], t.shape[1], attn.num_heads, attn.head_dim).transpose(1, 2)  # noqa: E731
-    q = split(attn.q_proj(h))
-    out = 0
-    for weight, prompt in candidates:
-        kv_in = h if prompt is None else torch.cat([h, layer.layer_norm1(prompt).expand(batch, -1, -1)], dim=1)
-        k, v = split(attn.k_proj(kv_in)), split(attn.v_proj(kv_in))
-        attended = attn.out_proj((((q * attn.scale) @ k.transpose(-1, -2)).softmax(-1) @ v)
-                                 .transpose(1, 2).reshape(batch, n, width))
-        out = out + (attended if weight is None else weight * attended)
-    x = x + out
-    return x + layer.mlp(layer.layer_norm2(x))
-
-
 def literal_logits(dpl, model, images, tokens):
     def candidates(tower, block):
         weights = torch.softmax(dpl.arch_logits[tower][block], 0)
@@ -86,11 +69,11 @@ def literal_logits(dpl, model, images, tokens):
     vision, text = model.vision_model, model.text_model
     x = vision.embeddings(images)
     for b, layer in enumerate(vision.encoder.layers):
-        x = _literal_layer(layer, x, candidates("image", b))
+        x = _literal_layer(layer, x, candidates("image", b), causal=False)
     image = vision.head(vision.post_layernorm(x))
     t = text.embeddings(input_ids=tokens)
     for b, layer in enumerate(text.encoder.layers):
-        t = _literal_layer(layer, t, candidates("text", b))
+        t = _literal_layer(layer, t, candidates("text", b), causal=False)  # SigLIP's text: no mask
     text_features = text.head(text.final_layer_norm(t)[:, -1])
     cosine = F.normalize(image, dim=-1) @ F.normalize(text_features, dim=-1).T
     return model.logit_scale.exp() * cosine + model.logit_bias
@@ -99,15 +82,4 @@ def literal_logits(dpl, model, images, tokens):
 def test_prompts_in_both_towers_match_a_literal_implementation_with_gradients():
     model = siglip(seed=2)
     dpl = FastDPLPrompt(model, CLASSNAMES, candidate_lengths=(0, 1, 3), impl="eager", tokenizer=tokenizer)
-    gen = torch.Generator().manual_seed(3)
-    with torch.no_grad():
-        for p in dpl.arch_parameters() + dpl.prompt_parameters():
-            p.copy_(torch.randn(p.shape, generator=gen))
-    params = dpl.arch_parameters() + dpl.prompt_parameters()
-    labels = torch.arange(3) % len(CLASSNAMES)
-    fast, ref = dpl(_images()), literal_logits(dpl, model, _images(), _tokens())
-    assert normalised_error(fast, ref) < 1e-5
-    grads = torch.autograd.grad(F.cross_entropy(fast, labels), params)
-    ref_grads = torch.autograd.grad(F.cross_entropy(ref, labels), params)
-    for g, r in zip(grads, ref_grads):
-        assert r.abs().max() > 0 and normalised_error(g, r) < 1e-5
+    assert_matches_literal(dpl, lambda images: literal_logits(dpl, model, images, _tokens()), _images())

@@ -110,6 +110,29 @@ def block_ops(block: nn.Module) -> type[BlockOps]:
                                 "open_clip's Attention)")
 
 
+class ModelAdapter:
+    """A model as fastdpl runs it (a family's subclass: references to its modules, never copies).
+
+    Provides: ``image`` and ``text`` (Towers); image_size, image_channels, image_dtype,
+    image_feature_width, image_embeddings(images), image_pooled_rows(batch, device) (None: the head
+    pools every row), image_head(rows or tokens); token_embedding, context_length, text_dtype,
+    end_of_text(tokens), text_embeddings(embeddings), text_head(rows); encode_image / encode_text
+    (the model's own forward); logit_scale, logit_bias; ``savings``: the exact savings that apply."""
+
+    savings = frozenset()
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+
+    @property
+    def logit_scale(self) -> torch.Tensor:
+        return self.model.logit_scale
+
+    @property
+    def logit_bias(self):
+        return getattr(self.model, "logit_bias", None)
+
+
 @dataclass
 class Tower:
     """References (never copies) to the blocks of one tower, and how to run them."""

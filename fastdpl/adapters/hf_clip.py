@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from .base import FAMILIES, BlockOps, UnsupportedModelError, make_tower
+from .base import FAMILIES, BlockOps, ModelAdapter, UnsupportedModelError, make_tower
 
 
 class HFCLIPBlock(BlockOps):
@@ -68,29 +68,20 @@ class HFCLIPBlock(BlockOps):
 FAMILIES.append(HFCLIPBlock)
 
 
-class HFCLIPAdapter:
-    """transformers' CLIPModel as fastdpl runs it (references to its modules, never copies)."""
+class HFEncoderAdapter(ModelAdapter):
+    """What transformers' CLIP-like dual encoders share: ``vision_model`` and ``text_model`` with
+    ``embeddings`` and ``encoder.layers``; ``get_image_features`` / ``get_text_features``."""
 
-    family = "hf_clip"
-    savings = frozenset({"truncate_text", "last_block_rows"})  # see the module docstring
-
-    @staticmethod
-    def matches(model) -> bool:
-        return all(hasattr(model, n) for n in ("vision_model", "text_model", "visual_projection", "text_projection"))
-
-    def __init__(self, model: nn.Module):
-        self.model = model
+    def __init__(self, model: nn.Module, text_causal: bool):
+        super().__init__(model)
         self.vision, self.text_model = model.vision_model, model.text_model
-        if not hasattr(self.vision, "embeddings") or not hasattr(self.vision.embeddings, "class_embedding"):
-            raise UnsupportedModelError(f"image tower {type(self.vision).__name__} is unsupported: fastdpl needs "
-                                        "CLIP's ViT encoder (class-token pooling)")
         self.image = make_tower("image", self.vision.encoder.layers, causal=False)
-        self.text = make_tower("text", self.text_model.encoder.layers, causal=True)
+        self.text = make_tower("text", self.text_model.encoder.layers, causal=text_causal)
 
     # ---- image tower ----
     @property
     def image_size(self) -> tuple:
-        size = self.vision.embeddings.image_size
+        size = self.vision.config.image_size
         return (size, size)
 
     @property
@@ -100,20 +91,6 @@ class HFCLIPAdapter:
     @property
     def image_dtype(self) -> torch.dtype:
         return self.vision.embeddings.patch_embedding.weight.dtype
-
-    @property
-    def image_feature_width(self) -> int:
-        return self.model.visual_projection.out_features
-
-    def image_embeddings(self, images: torch.Tensor) -> torch.Tensor:
-        """Patch embedding, class token, positions (the model's own embeddings module), pre_layrnorm."""
-        return self.vision.pre_layrnorm(self.vision.embeddings(images.to(self.image_dtype)))
-
-    def image_pooled_rows(self, batch: int, device) -> torch.Tensor:
-        return torch.zeros(batch, dtype=torch.long, device=device)
-
-    def image_head(self, rows: torch.Tensor) -> torch.Tensor:
-        return self.model.visual_projection(self.vision.post_layernorm(rows))
 
     # ---- text tower ----
     @property
@@ -128,18 +105,9 @@ class HFCLIPAdapter:
     def text_dtype(self) -> torch.dtype:
         return self.token_embedding.weight.dtype
 
-    def end_of_text(self, tokens: torch.Tensor) -> torch.Tensor:
-        eos = self.text_model.eos_token_id
-        if eos == 2:  # transformers' legacy configs: the largest id (CLIP's BPE end-of-text)
-            return tokens.argmax(dim=-1)
-        return (tokens == eos).int().argmax(dim=-1)
-
     def text_embeddings(self, embeddings: torch.Tensor) -> torch.Tensor:
         positions = self.text_model.embeddings.position_embedding.weight[: embeddings.shape[1]]
         return embeddings + positions.to(embeddings.dtype)
-
-    def text_head(self, rows: torch.Tensor) -> torch.Tensor:
-        return self.model.text_projection(self.text_model.final_layer_norm(rows))
 
     # ---- the model's own forward ----
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:
@@ -148,10 +116,42 @@ class HFCLIPAdapter:
     def encode_text(self, tokens: torch.Tensor) -> torch.Tensor:
         return self.model.get_text_features(input_ids=tokens).pooler_output
 
-    @property
-    def logit_scale(self) -> torch.Tensor:
-        return self.model.logit_scale
+
+class HFCLIPAdapter(HFEncoderAdapter):
+    """transformers' CLIPModel as fastdpl runs it (references to its modules, never copies)."""
+
+    family = "hf_clip"
+    savings = frozenset({"truncate_text", "last_block_rows"})  # see the module docstring
+
+    @staticmethod
+    def matches(model) -> bool:
+        return all(hasattr(model, n) for n in ("vision_model", "text_model", "visual_projection", "text_projection"))
+
+    def __init__(self, model: nn.Module):
+        if not hasattr(model.vision_model.embeddings, "class_embedding"):
+            raise UnsupportedModelError(f"image tower {type(model.vision_model).__name__} is unsupported: fastdpl "
+                                        "needs CLIP's ViT encoder (class-token pooling)")
+        super().__init__(model, text_causal=True)
 
     @property
-    def logit_bias(self):
-        return getattr(self.model, "logit_bias", None)
+    def image_feature_width(self) -> int:
+        return self.model.visual_projection.out_features
+
+    def image_embeddings(self, images: torch.Tensor) -> torch.Tensor:
+        """Patch embedding, class token, positions (the model's own embeddings module), pre_layrnorm."""
+        return self.vision.pre_layrnorm(self.vision.embeddings(images.to(self.image_dtype)))
+
+    def image_pooled_rows(self, batch: int, device) -> torch.Tensor:
+        return torch.zeros(batch, dtype=torch.long, device=device)  # the class token
+
+    def image_head(self, rows: torch.Tensor) -> torch.Tensor:
+        return self.model.visual_projection(self.vision.post_layernorm(rows))
+
+    def end_of_text(self, tokens: torch.Tensor) -> torch.Tensor:
+        eos = self.text_model.eos_token_id
+        if eos == 2:  # transformers' legacy configs: the largest id (CLIP's BPE end-of-text)
+            return tokens.argmax(dim=-1)
+        return (tokens == eos).int().argmax(dim=-1)
+
+    def text_head(self, rows: torch.Tensor) -> torch.Tensor:
+        return self.model.text_projection(self.text_model.final_layer_norm(rows))

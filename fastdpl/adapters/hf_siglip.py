@@ -13,10 +13,11 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from .base import UnsupportedModelError, make_tower
+from .base import UnsupportedModelError
+from .hf_clip import HFEncoderAdapter
 
 
-class HFSiglipAdapter:
+class HFSiglipAdapter(HFEncoderAdapter):
     """transformers' SiglipModel as fastdpl runs it (references to its modules, never copies)."""
 
     family = "hf_siglip"
@@ -28,26 +29,9 @@ class HFSiglipAdapter:
             hasattr(model.text_model, "head") and not hasattr(model, "visual_projection")
 
     def __init__(self, model: nn.Module):
-        self.model = model
-        self.vision, self.text_model = model.vision_model, model.text_model
-        if getattr(self.vision, "head", None) is None:
+        if getattr(model.vision_model, "head", None) is None:
             raise UnsupportedModelError("image tower: a SigLIP vision model without its pooling head is unsupported")
-        self.image = make_tower("image", self.vision.encoder.layers, causal=False)
-        self.text = make_tower("text", self.text_model.encoder.layers, causal=False)
-
-    # ---- image tower ----
-    @property
-    def image_size(self) -> tuple:
-        size = self.vision.config.image_size
-        return (size, size)
-
-    @property
-    def image_channels(self) -> int:
-        return self.vision.embeddings.patch_embedding.in_channels
-
-    @property
-    def image_dtype(self) -> torch.dtype:
-        return self.vision.embeddings.patch_embedding.weight.dtype
+        super().__init__(model, text_causal=False)
 
     @property
     def image_feature_width(self) -> int:
@@ -63,41 +47,9 @@ class HFSiglipAdapter:
         """post_layernorm on every token (B, N, W), then the attention-pooling head."""
         return self.vision.head(self.vision.post_layernorm(tokens))
 
-    # ---- text tower ----
-    @property
-    def token_embedding(self) -> nn.Module:
-        return self.text_model.embeddings.token_embedding
-
-    @property
-    def context_length(self) -> int:
-        return self.text_model.embeddings.position_embedding.num_embeddings
-
-    @property
-    def text_dtype(self) -> torch.dtype:
-        return self.token_embedding.weight.dtype
-
     def end_of_text(self, tokens: torch.Tensor) -> torch.Tensor:
         """SigLIP reads the last position (padding included, as it was trained)."""
         return torch.full((tokens.shape[0],), tokens.shape[1] - 1, dtype=torch.long, device=tokens.device)
 
-    def text_embeddings(self, embeddings: torch.Tensor) -> torch.Tensor:
-        positions = self.text_model.embeddings.position_embedding.weight[: embeddings.shape[1]]
-        return embeddings + positions.to(embeddings.dtype)
-
     def text_head(self, rows: torch.Tensor) -> torch.Tensor:
         return self.text_model.head(self.text_model.final_layer_norm(rows))
-
-    # ---- the model's own forward ----
-    def encode_image(self, images: torch.Tensor) -> torch.Tensor:
-        return self.model.get_image_features(pixel_values=images).pooler_output
-
-    def encode_text(self, tokens: torch.Tensor) -> torch.Tensor:
-        return self.model.get_text_features(input_ids=tokens).pooler_output
-
-    @property
-    def logit_scale(self) -> torch.Tensor:
-        return self.model.logit_scale
-
-    @property
-    def logit_bias(self):
-        return self.model.logit_bias

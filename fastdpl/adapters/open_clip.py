@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .base import FAMILIES, BlockOps, UnsupportedModelError, make_tower
+from .base import FAMILIES, BlockOps, ModelAdapter, UnsupportedModelError, make_tower
 
 
 def _is_attention(attn) -> bool:
@@ -131,7 +131,7 @@ def _text_module(model: nn.Module) -> nn.Module:
     return model.text if hasattr(model, "text") and hasattr(model.text, "transformer") else model
 
 
-class OpenClipAdapter:
+class OpenClipAdapter(ModelAdapter):
     """open_clip's CLIP as fastdpl runs it (references to its modules, never copies)."""
 
     family = "open_clip"
@@ -143,7 +143,7 @@ class OpenClipAdapter:
                                                                                       "token_embedding")
 
     def __init__(self, model: nn.Module):
-        self.model = model
+        super().__init__(model)
         visual = getattr(model, "visual", None)
         needed = ("conv1", "class_embedding", "positional_embedding", "ln_pre", "ln_post", "proj", "transformer")
         if visual is None or not all(hasattr(visual, n) for n in needed):
@@ -250,10 +250,3 @@ class OpenClipAdapter:
     def encode_text(self, tokens: torch.Tensor) -> torch.Tensor:
         return self.model.encode_text(tokens)
 
-    @property
-    def logit_scale(self) -> torch.Tensor:
-        return self.model.logit_scale
-
-    @property
-    def logit_bias(self):
-        return getattr(self.model, "logit_bias", None)
