@@ -83,3 +83,11 @@ def test_prompts_in_both_towers_match_a_literal_implementation_with_gradients():
     model = siglip(seed=2)
     dpl = FastDPLPrompt(model, CLASSNAMES, candidate_lengths=(0, 1, 3), impl="eager", tokenizer=tokenizer)
     assert_matches_literal(dpl, lambda images: literal_logits(dpl, model, images, _tokens()), _images())
+
+
+def test_coop_refuses_a_model_whose_tokenizer_it_cannot_arrange():
+    from fastdpl.adapters import UnsupportedModelError
+    from fastdpl.methods import CoOpPrompt
+
+    with pytest.raises(UnsupportedModelError, match="arranges CLIP's BPE tokens .* 1000 tokens"):
+        CoOpPrompt(siglip(), CLASSNAMES)

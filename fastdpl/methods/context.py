@@ -31,10 +31,11 @@ import torch.nn.functional as F
 
 from ..config import PromptConfig
 from ..prompt import FastDPLPrompt
-from ..adapters import adapt, place_context
+from ..adapters import UnsupportedModelError, adapt, place_context
 
 POSITIONS = ("end", "middle", "front")
 STATE_FORMAT = "fastdpl-context-v1"
+CLIP_VOCAB = 49408  # the BPE vocabulary of open_clip.tokenize, which places the context slots
 PLACEHOLDER = "X"  # a one-token word that holds a context slot in the token ids (its embedding is replaced)
 
 
@@ -74,6 +75,10 @@ class CoOpPrompt(nn.Module):
         if ctx_init is None and (isinstance(n_ctx, bool) or not isinstance(n_ctx, int) or n_ctx < 1):
             raise ValueError(f"n_ctx must be a positive int, got {n_ctx!r}")
         adapter = adapt(model)  # refuses unsupported towers before any work
+        if adapter.token_embedding.num_embeddings != CLIP_VOCAB:
+            raise UnsupportedModelError(
+                f"{type(self).__name__} arranges CLIP's BPE tokens (vocabulary {CLIP_VOCAB}); this model's text "
+                f"vocabulary has {adapter.token_embedding.num_embeddings} tokens (e.g. SigLIP): not supported yet")
         if ctx_init is not None:
             ctx_init = ctx_init.replace("_", " ").strip()
             n_ctx = _bpe_length(ctx_init)
