@@ -2,6 +2,7 @@
 
     fastdpl demo                      offline demo: zero-shot, uniform baseline, DPL search + train (tiny CLIP, digits)
     fastdpl zeroshot|search|train|eval|tpt [--config run.yaml] [--dataset NAME --root DIR ...]
+    fastdpl train --method coop|cocoop|dpl|zero_shot|uniform:L:D ...
     fastdpl report RUN_DIRS... --out results/summary
     fastdpl check-data --dataset NAME --root DIR
     fastdpl import-alpha AUTHORS_OUTPUT [--epoch E] --out prompt_config.json   the authors' searched alpha
@@ -24,9 +25,10 @@ def _stage_parsers(sub) -> None:
     from .pipeline.config import add_config_arguments
 
     helps = {"zeroshot": "evaluate zero-shot CLIP", "search": "DPL search stage (supernet): alpha and prompts",
-             "train": "train a fixed configuration (DPL's or a baseline) and evaluate it",
+             "train": "train the --method (DPL's configuration, deep-prompt baselines, CoOp, CoCoOp) and evaluate it",
              "eval": "evaluate saved prompts (cross-dataset, domain shift, base/new)",
-             "tpt": "test-time prompt tuning on the test sets (zero-shot context, or --prompts of a trained config)"}
+             "tpt": "test-time prompt tuning on the test sets (zero-shot context, or --prompts of a trained run: "
+                    "DPL text prompts, a CoOp or CoCoOp context)"}
     for stage in STAGES:
         parser = sub.add_parser(stage, help=helps[stage], description=helps[stage])
         add_config_arguments(parser, stage)
@@ -65,7 +67,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="fastdpl", description="Fast Differentiable Prompt Learning for CLIP")
     parser.add_argument("--version", action="version", version=f"fastdpl {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
-    bench = sub.add_parser("bench", help="benchmarks (fastdpl bench op --help, fastdpl bench step --help)",
+    bench = sub.add_parser("bench", help="benchmarks: op, block, step, tpt, cocoop (fastdpl bench op --help)",
                            add_help=False)
     bench.add_argument("suite", nargs="?", default="op", choices=["op", "block", "step", "tpt", "cocoop"])
     _stage_parsers(sub)
