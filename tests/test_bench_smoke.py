@@ -101,13 +101,17 @@ def test_step_runner_writes_json(tmp_path):
     out = tmp_path / "step.json"
     step.run(device="cpu", smoke=True, impl="eager", out=out, echo=lambda *_: None)
     saved = json.loads(out.read_text())
-    rows = {r["provider"]: r for r in saved["rows"]}
-    assert set(rows) == {"search", "single_path", "literal", "train", "train_literal"}
-    assert rows["train_literal"]["literal_over_this"] == 1.0
-    for row in rows.values():
-        assert row["median_ms"] > 0
-    assert rows["single_path"]["vs_single_path"] == 1.0
-    assert rows["literal"]["literal_over_this"] == 1.0
+    shapes = {r["shape"] for r in saved["rows"]}
+    assert shapes == {"smoke", "hf-clip-smoke", "hf-siglip-smoke"}  # open_clip, HF CLIP and SigLIP
+    for shape in shapes:
+        rows = {r["provider"]: r for r in saved["rows"] if r["shape"] == shape}
+        literal = {"literal", "train_literal"} if shape == "smoke" else set()  # literal: open_clip only
+        assert set(rows) == {"search", "single_path", "train"} | literal
+        for row in rows.values():
+            assert row["median_ms"] > 0
+        assert rows["single_path"]["vs_single_path"] == 1.0
+        for name in literal:
+            assert rows[name]["literal_over_this"] == 1.0
 
 
 # Two float64 computations whose results are stored in float32 (the prompt gradients):

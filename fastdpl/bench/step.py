@@ -12,6 +12,10 @@ the architecture logits). Providers, timed interleaved in one run:
 * ``train`` and ``train_literal``: the train stage's step (fixed mode, a
   heterogeneous configuration drawn with a seed) and the same literally.
 
+The literal providers exist for open_clip models only (they call its attention
+modules); Hugging Face CLIP and SigLIP shapes (models ``hf-clip-*``,
+``hf-siglip-*``, random weights from transformers' configs) time the others.
+
 Reported: median and interquartile range, peak memory (CUDA), and the ratios
 search / single_path, literal / search and train_literal / train.
 """
@@ -44,9 +48,14 @@ GPU_SHAPES = [
     StepShape("b32-100cls", "ViT-B-16", 32, 100),
     StepShape("b4-1000cls", "ViT-B-16", 4, 1000),
     StepShape("b32-1000cls", "ViT-B-16", 32, 1000),
+    StepShape("hf-clip-b32-100cls", "hf-clip-b16", 32, 100),
+    StepShape("hf-siglip-b32-100cls", "hf-siglip-b16", 32, 100),
 ]
 CPU_SHAPES = [StepShape("b8-10cls", "ViT-B-16", 8, 10)]
-SMOKE_SHAPES = [StepShape("smoke", "tiny", 2, 3, (0, 1, 2))]
+SMOKE_SHAPES = [StepShape("smoke", "tiny", 2, 3, (0, 1, 2)),
+                StepShape("hf-clip-smoke", "hf-clip-tiny", 2, 3, (0, 1, 2)),
+                StepShape("hf-siglip-smoke", "hf-siglip-tiny", 2, 3, (0, 1, 2))]
+LITERAL = ("literal", "train_literal")  # open_clip models only
 
 
 def tiny_clip(seed: int = 0, **text_overrides):
@@ -62,14 +71,53 @@ def tiny_clip(seed: int = 0, **text_overrides):
         return open_clip.CLIP(embed_dim=32, vision_cfg=vision_cfg, text_cfg=CLIPTextCfg(**text_cfg)).eval()
 
 
+def _hf_model(name: str):
+    """transformers' CLIPModel / SiglipModel with random weights: ``*-b16`` ViT-B/16 at 224 px (their
+    default text towers), ``*-tiny`` a 3-block model at 32 px."""
+    import transformers
+
+    tiny = name.endswith("-tiny")
+    vision = dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_hidden_layers=3, image_size=32,
+                  patch_size=8) if tiny else dict(patch_size=16, image_size=224)
+    if name.startswith("hf-clip"):
+        text = dict(hidden_size=48, intermediate_size=96, num_attention_heads=3, num_hidden_layers=3,
+                    eos_token_id=49407) if tiny else dict(eos_token_id=49407)
+        return transformers.CLIPModel(transformers.CLIPConfig(text_config=text, vision_config=vision,
+                                                              projection_dim=32 if tiny else 512))
+    text = dict(hidden_size=48, intermediate_size=96, num_attention_heads=3, num_hidden_layers=3, vocab_size=1000,
+                max_position_embeddings=16, projection_size=64, bos_token_id=None, eos_token_id=1,
+                pad_token_id=1) if tiny else {}
+    return transformers.SiglipModel(transformers.SiglipConfig(text_config=text, vision_config=vision))
+
+
 def build_model(name: str, device):
-    """open_clip model with random weights (no download); "tiny" is tiny_clip()."""
+    """A model with random weights (no download): an open_clip name, "tiny" (tiny_clip()), or
+    ``hf-clip-b16`` / ``hf-siglip-b16`` / ``hf-clip-tiny`` / ``hf-siglip-tiny`` (transformers)."""
     import open_clip
 
     with torch.random.fork_rng(devices=[]):  # random weights from seed 0; the caller's RNG stays as it was
         torch.manual_seed(0)
-        model = tiny_clip() if name == "tiny" else open_clip.create_model(name, pretrained=None)
+        if name.startswith("hf-"):
+            model = _hf_model(name)
+        else:
+            model = tiny_clip() if name == "tiny" else open_clip.create_model(name, pretrained=None)
     return model.to(device).eval()
+
+
+def word_ids(length: int, vocab: int):
+    """A stand-in tokenizer for models whose tokenizer files are not here (SigLIP's SentencePiece):
+    one id per word from its characters, then end-of-text and padding (id 1) to ``length``."""
+    def tokenize(texts):
+        rows = [[2 + sum(map(ord, w)) % (vocab - 2) for w in t.split()][: length - 1] + [1] for t in texts]
+        return torch.tensor([r + [1] * (length - len(r)) for r in rows])
+    return tokenize
+
+
+def tokenizer_for(model):
+    """None (open_clip's CLIP BPE) for CLIP vocabularies, else word_ids at the model's context length."""
+    adapter = adapt(model)
+    vocab = adapter.token_embedding.num_embeddings
+    return None if vocab == 49408 else word_ids(adapter.context_length, vocab)
 
 
 def classnames(count: int) -> list[str]:
@@ -87,9 +135,10 @@ def step_fn(logits_fn, params, labels):
 
 def providers(model, shape: StepShape, impl: str):
     names = classnames(shape.classes)
-    search = FastDPLPrompt(model, names, candidate_lengths=shape.lengths, impl=impl).train()
+    tokenizer = tokenizer_for(model)
+    search = FastDPLPrompt(model, names, candidate_lengths=shape.lengths, impl=impl, tokenizer=tokenizer).train()
     blocks = {t: len(search._parts[t].blocks) for t in ("image", "text")}
-    single = FastDPLPrompt(model, names, mode="fixed", impl=impl,
+    single = FastDPLPrompt(model, names, mode="fixed", impl=impl, tokenizer=tokenizer,
                            config=PromptConfig.uniform(max(shape.lengths), blocks["image"], blocks)).train()
     device = next(model.parameters()).device
     labels = torch.arange(shape.batch, device=device) % shape.classes
@@ -98,14 +147,21 @@ def providers(model, shape: StepShape, impl: str):
     g = torch.Generator().manual_seed(0)
     derived = PromptConfig({t: tuple(shape.lengths[i] for i in torch.randint(len(shape.lengths), (n,), generator=g))
                             for t, n in blocks.items()})
-    train = FastDPLPrompt(model, names, mode="fixed", impl=impl, config=derived).train()
-    return {
+    train = FastDPLPrompt(model, names, mode="fixed", impl=impl, config=derived, tokenizer=tokenizer).train()
+    calls = {
         "search": step_fn(search, search_params, labels),
         "single_path": step_fn(single, single.prompt_parameters(), labels),
         "literal": step_fn(functools.partial(literal_logits, search), search_params, labels),
         "train": step_fn(train, train.prompt_parameters(), labels),
         "train_literal": step_fn(functools.partial(literal_logits, train), train.prompt_parameters(), labels),
     }
+    return {k: v for k, v in calls.items() if k in provider_names(shape)}
+
+
+def provider_names(shape: StepShape) -> list:
+    """The providers a shape has: the literal ones for open_clip models only."""
+    names = ["search", "single_path", "literal", "train", "train_literal"]
+    return [n for n in names if not (shape.model.startswith("hf-") and n in LITERAL)]
 
 
 def make_calls(shape: StepShape, device, dtype, impl) -> dict:
@@ -132,7 +188,7 @@ def bench_shape(shape: StepShape, device, dtype, impl, repeats, warmup):
 
 
 def format_table(rows) -> str:
-    return table(rows, [("shape", 12), ("provider", 13)],
+    return table(rows, [("shape", 20), ("provider", 13)],
                  [("median ms", "median_ms", ".1f"), ("IQR ms", "iqr", ".1f"), ("peak MB", "peak_memory_mb", ".0f"),
                   ("x single", "vs_single_path", ".2f"), ("mem x single", "memory_vs_single_path", ".2f"),
                   ("literal/this", "literal_over_this", ".2f")])
