@@ -43,6 +43,17 @@ INITS = ("normal", "paper")
 STATE_FORMAT = "fastdpl-prompts-v1"
 
 
+def check_saved_tensors(group: str, saved: dict, params, hint: str = "") -> None:
+    """A ValueError naming the keys or the first shape in which ``saved`` tensors differ from
+    ``params`` (``hint`` is added to a shape mismatch)."""
+    if set(saved) != set(params):
+        raise ValueError(f"{group}: saved keys {sorted(saved)} != {sorted(params)}")
+    for key, value in saved.items():
+        if tuple(value.shape) != tuple(params[key].shape):
+            raise ValueError(f"{group}[{key!r}]: saved shape {tuple(value.shape)} != "
+                             f"{tuple(params[key].shape)}{hint}")
+
+
 def _prompt_key(tower: str, block: int, length: int) -> str:
     return f"{tower}_block{block}_len{length}"
 
@@ -458,15 +469,11 @@ class FastDPLPrompt(nn.Module):
         for field in ("mode", "candidate_lengths", "config", "towers"):
             if state[field] != mine[field]:
                 raise ValueError(f"{field} mismatch: saved {state[field]!r}, this module has {mine[field]!r}")
-        for group, params in (("prompts", self.prompts), ("arch_logits", self.arch_logits)):
-            if set(state[group]) != set(params):
-                raise ValueError(f"{group}: saved keys {sorted(state[group])} != {sorted(params)}")
-            for key, value in state[group].items():
-                if tuple(value.shape) != tuple(params[key].shape):
-                    raise ValueError(f"{group}[{key!r}]: saved shape {tuple(value.shape)} != "
-                                     f"{tuple(params[key].shape)}")
+        groups = (("prompts", self.prompts), ("arch_logits", self.arch_logits))
+        for group, params in groups:  # check everything before copying anything
+            check_saved_tensors(group, state[group], params)
         with torch.no_grad():
-            for group, params in (("prompts", self.prompts), ("arch_logits", self.arch_logits)):
+            for group, params in groups:
                 for key, value in state[group].items():
                     params[key].copy_(value)
         self._text_cache = None

@@ -30,7 +30,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..config import PromptConfig
-from ..prompt import FastDPLPrompt
+from ..prompt import FastDPLPrompt, check_saved_tensors
 from ..adapters import UnsupportedModelError, adapt, place_context
 
 POSITIONS = ("end", "middle", "front")
@@ -167,12 +167,11 @@ class CoOpPrompt(nn.Module):
         return self.logits(self.encode_image(images), self.encode_text())
 
     # ---- text ----------------------------------------------------------------------------------------
-    def _class_embeddings(self) -> tuple[torch.Tensor, int]:
+    def _class_embeddings(self) -> torch.Tensor:
         """The class texts' token embeddings (C, L, W), looked up once per call, truncated after the
-        longest end-of-text token (causal attention: later positions never reach it)."""
+        longest end-of-text token where that is exact (FastDPLPrompt.text_length)."""
         clip = self.clip
-        length = clip.text_length()
-        return clip.adapter.token_embedding(clip.class_tokens[:, :length]), length
+        return clip.adapter.token_embedding(clip.class_tokens[:, :clip.text_length()])
 
     def _encode_sequences(self, embeddings, classes: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         """Text features of S sequences: class ``classes`` (S,) under ``context`` (S, n, W)."""
@@ -189,7 +188,7 @@ class CoOpPrompt(nn.Module):
         if context.dim() == 3:
             context = context.unsqueeze(1).expand(groups, classes, *context.shape[1:])
         context = context.reshape(groups * classes, *context.shape[2:])
-        embeddings, _ = self._class_embeddings()
+        embeddings = self._class_embeddings()
         class_of = torch.arange(classes, device=embeddings.device).repeat(groups)
         features = self.clip.chunked_text(groups * classes, lambda lo, hi: self._encode_sequences(
             embeddings, class_of[lo:hi], context[lo:hi]))
@@ -200,7 +199,7 @@ class CoOpPrompt(nn.Module):
         one rank's share under torchrun)."""
         lo, hi = self.clip._class_range(classes)
         context = self.ctx[lo:hi] if self.class_specific else self.ctx.expand(hi - lo, *self.ctx.shape)
-        embeddings, _ = self._class_embeddings()
+        embeddings = self._class_embeddings()
         order = torch.arange(lo, hi, device=embeddings.device)
         return self.clip.chunked_text(hi - lo, lambda a, b: self._encode_sequences(
             embeddings, order[a:b], context[a:b]))
@@ -230,12 +229,8 @@ class CoOpPrompt(nn.Module):
             raise ValueError(f"backbone mismatch: the context was saved for {state['backbone']}, "
                              f"this model is {self.clip.backbone_signature()}")
         mine = self._learned_tensors()
-        if set(state["tensors"]) != set(mine):
-            raise ValueError(f"saved tensors {sorted(state['tensors'])} != {sorted(mine)}")
-        for key, value in state["tensors"].items():
-            if tuple(value.shape) != tuple(mine[key].shape):
-                extra = " (class-specific contexts need the same classes)" if key == "ctx" else ""
-                raise ValueError(f"{key}: saved shape {tuple(value.shape)} != {tuple(mine[key].shape)}{extra}")
+        hint = " (class-specific contexts need the same classes)" if self.class_specific else ""
+        check_saved_tensors("tensors", state["tensors"], mine, hint)
         with torch.no_grad():
             for key, value in state["tensors"].items():
                 mine[key].copy_(value)
