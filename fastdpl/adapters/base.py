@@ -107,7 +107,7 @@ def block_ops(block: nn.Module) -> type[BlockOps]:
     attn = getattr(block, "attn", None)
     raise UnsupportedModelError(f"{type(block).__name__} with attention {type(attn).__name__} is unsupported; "
                                 "fastdpl runs open_clip's ResidualAttentionBlock (nn.MultiheadAttention or "
-                                "open_clip's Attention)")
+                                "open_clip's Attention), timm's ViT Block and transformers' CLIP/SigLIP layers")
 
 
 class ModelAdapter:
@@ -117,7 +117,10 @@ class ModelAdapter:
     image_feature_width, image_embeddings(images), image_pooled_rows(batch, device) (None: the head
     pools every row), image_head(rows or tokens); token_embedding, context_length, text_dtype,
     end_of_text(tokens), text_embeddings(embeddings), text_head(rows); encode_image / encode_text
-    (the model's own forward); logit_scale, logit_bias; ``savings``: the exact savings that apply."""
+    (the model's own forward); logit_scale, logit_bias; ``savings``: the exact savings that apply
+    ("truncate_text": a causal text tower stops after the longest end-of-text token;
+    "last_block_rows": the last block computes only the row a feature is read from, in the text
+    tower and, where image_pooled_rows is not None, in the image tower)."""
 
     savings = frozenset()
 

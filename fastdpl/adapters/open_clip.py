@@ -1,4 +1,4 @@
-"""open_clip's CLIP (and CustomTextCLIP): ViT image tower, causal text transformer.
+"""open_clip's CLIP (and CustomTextCLIP): ViT image tower, text transformer (causal, or not).
 
 Blocks: ``ResidualAttentionBlock`` with ``nn.MultiheadAttention`` (open_clip 3.x) or with
 open_clip's own ``Attention`` (its main branch, the next release: the same weight names
@@ -8,9 +8,14 @@ exp(s_h) sqrt(D) folded into the queries), head_scale (per head, before the outp
 and inner_norm (a LayerNorm before the output projection: per token, so exact with one
 candidate; a search, which mixes candidates before it, refuses it).
 
-Exact savings: the text tower is causal, so it stops after the longest end-of-text token;
-both towers' features are read at one row (class token, end-of-text token), so the last
-block computes only that row.
+The text tower is causal (CLIP) or bidirectional (``no_causal_mask``: SigLIP, MobileCLIP-S), and
+its feature is read at one row: the end-of-text token ('argmax', 'eos'), the last or the first
+position. Padding masks (``use_pad_mask``) are refused.
+
+Exact savings: a causal text tower stops after the longest end-of-text token (later tokens never
+reach it); a bidirectional one runs every position. Features read at one row (the class token,
+the text's pooled token) let the last block compute only that row. Timm image towers:
+open_clip_timm.py.
 """
 from __future__ import annotations
 
@@ -135,7 +140,7 @@ class OpenClipAdapter(ModelAdapter):
     """open_clip's CLIP as fastdpl runs it (references to its modules, never copies)."""
 
     family = "open_clip"
-    savings = frozenset({"truncate_text", "last_block_rows"})  # see the module docstring
+    TEXT_POOLS = ("argmax", "eos", "last", "first")
 
     @staticmethod
     def matches(model) -> bool:
@@ -144,30 +149,44 @@ class OpenClipAdapter(ModelAdapter):
 
     def __init__(self, model: nn.Module):
         super().__init__(model)
-        visual = getattr(model, "visual", None)
+        self.visual, self.text_module = getattr(model, "visual", None), _text_module(model)
+        self.image = self._image_tower()
+        self.text = make_tower("text", self._check_text_tower().transformer.resblocks, causal=self._text_causal())
+        # one row is read from the text (always) and the image (when image_pooled_rows is not None)
+        self.savings = frozenset({"last_block_rows"} | ({"truncate_text"} if self.text.causal else set()))
+
+    def _image_tower(self):
+        visual = self.visual
         needed = ("conv1", "class_embedding", "positional_embedding", "ln_pre", "ln_post", "proj", "transformer")
         if visual is None or not all(hasattr(visual, n) for n in needed):
             kind = type(visual).__name__ if visual is not None else "none"
             raise UnsupportedModelError(f"image tower {kind} is unsupported: fastdpl needs open_clip's "
-                                        "VisionTransformer (ResNet and timm towers are not supported)")
+                                        "VisionTransformer or a timm VisionTransformer (ResNet towers are not "
+                                        "supported)")
         if getattr(visual, "attn_pool", None) is not None or getattr(visual, "pool_type", "tok") != "tok":
             raise UnsupportedModelError("image tower: only class-token pooling (pool_type='tok') is supported")
-        self.visual, self.text_module = visual, _text_module(model)
+        return make_tower("image", visual.transformer.resblocks, causal=False)
+
+    def _check_text_tower(self) -> nn.Module:
         text = self.text_module
         needed = ("token_embedding", "positional_embedding", "transformer", "ln_final", "text_projection")
         if not all(hasattr(text, n) for n in needed):
             raise UnsupportedModelError(
-                f"text tower of {type(model).__name__} is unsupported: fastdpl needs open_clip's text transformer "
-                "(token_embedding, positional_embedding, transformer, ln_final, text_projection)")
+                f"text tower of {type(self.model).__name__} is unsupported: fastdpl needs open_clip's text "
+                "transformer (token_embedding, positional_embedding, transformer, ln_final, text_projection)")
         if getattr(text, "cls_emb", None) is not None:
             raise UnsupportedModelError("text tower: a CoCa-style class embedding is unsupported")
-        if self._pool_type() not in ("argmax", "eos"):
-            raise UnsupportedModelError(f"text tower: pool type {self._pool_type()!r} is unsupported; "
-                                        "fastdpl reads the end-of-text token ('argmax' or 'eos')")
-        if getattr(text, "attn_mask", None) is None:
-            raise UnsupportedModelError("text tower: only the causal text transformer is supported")
-        self.image = make_tower("image", visual.transformer.resblocks, causal=False)
-        self.text = make_tower("text", text.transformer.resblocks, causal=True)
+        if getattr(text, "use_pad_mask", False):
+            raise UnsupportedModelError("text tower: use_pad_mask (a padding mask on a bidirectional text "
+                                        "tower) is unsupported")
+        if self._pool_type() not in self.TEXT_POOLS:
+            raise UnsupportedModelError(f"text tower: pool type {self._pool_type()!r} is unsupported; fastdpl "
+                                        f"reads one token ({', '.join(map(repr, self.TEXT_POOLS))})")
+        return text
+
+    def _text_causal(self) -> bool:
+        """open_clip keeps a causal mask buffer on the text tower (or on CLIP itself); None: bidirectional."""
+        return getattr(self.text_module, "attn_mask", None) is not None
 
     # ---- image tower ----
     @property
@@ -225,7 +244,11 @@ class OpenClipAdapter(ModelAdapter):
 
     def end_of_text(self, tokens: torch.Tensor) -> torch.Tensor:
         """Index of the token whose final feature is the text feature, per sequence."""
-        if self._pool_type() == "eos":
+        pool = self._pool_type()
+        if pool in ("last", "first"):
+            index = tokens.shape[1] - 1 if pool == "last" else 0
+            return torch.full((tokens.shape[0],), index, dtype=torch.long, device=tokens.device)
+        if pool == "eos":
             text = self.text_module
             eos = getattr(text, "text_eos_id", None) or getattr(text, "eos_id", None)
             return (tokens == eos).int().argmax(dim=-1)
@@ -236,7 +259,7 @@ class OpenClipAdapter(ModelAdapter):
         return embeddings + self.text_module.positional_embedding[: embeddings.shape[1]].to(embeddings.dtype)
 
     def text_head(self, rows: torch.Tensor) -> torch.Tensor:
-        """ln_final on the end-of-text rows (B, W), then the projection."""
+        """ln_final on the pooled rows (B, W), then the projection."""
         x = self.text_module.ln_final(rows)
         projection = self.text_module.text_projection
         if projection is None:
