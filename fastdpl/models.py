@@ -2,7 +2,7 @@
 
 ``load_clip(name, pretrained)``:
 
-* ``name`` a folder holding a Hugging Face transformers CLIP (``save_pretrained``:
+* ``name`` a folder holding a Hugging Face transformers CLIP or SigLIP (``save_pretrained``:
   config.json and weights): loaded with transformers (``pip install 'fastdpl[hf]'``);
 * ``name="tiny"``: the tiny CLIP shipped in ``fastdpl/assets`` (offline demo);
   ``pretrained`` may name another file written by ``save_tiny_clip`` (anything
@@ -14,6 +14,12 @@
   - ``pretrained`` ``None`` / ``"random"``: random weights (benchmarks, tests).
 
 With no network and no local weights the error says how to point at a local file.
+
+``load_tokenizer(setting, name, model)`` turns class texts into the model's token ids:
+``"clip"`` is open_clip's bundled CLIP BPE (CLIP, the tiny CLIP, transformers' CLIP: the same
+ids); a folder is a Hugging Face tokenizer (``save_pretrained``); ``"auto"`` picks the model's
+own: a Hugging Face folder's tokenizer files, open_clip's tokenizer for open_clip models with
+one of their own (SigLIP: from the Hugging Face cache, downloaded otherwise), CLIP's BPE else.
 """
 from __future__ import annotations
 
@@ -76,7 +82,8 @@ def _cached_weights(name: str, tag: str) -> str | None:
 
 
 def load_hf_clip(folder: Path, device="cpu"):
-    """A Hugging Face transformers CLIP saved in ``folder`` (save_pretrained: config.json and weights)."""
+    """A Hugging Face transformers CLIP or SigLIP saved in ``folder`` (save_pretrained: config.json and
+    weights)."""
     import json
 
     try:
@@ -85,9 +92,81 @@ def load_hf_clip(folder: Path, device="cpu"):
         raise ModelLoadError(f"{folder} is a Hugging Face model folder: install transformers "
                              "(pip install 'fastdpl[hf]')") from exc
     kind = json.loads((folder / "config.json").read_text()).get("model_type")
-    if kind != "clip":
-        raise ModelLoadError(f"{folder}: model_type {kind!r} is not supported (fastdpl loads 'clip' folders)")
-    return transformers.CLIPModel.from_pretrained(folder).to(device).eval()
+    classes = {"clip": transformers.CLIPModel, "siglip": transformers.SiglipModel}
+    if kind not in classes:
+        raise ModelLoadError(f"{folder}: model_type {kind!r} is not supported (fastdpl loads "
+                             f"{' and '.join(map(repr, classes))} folders)")
+    return classes[kind].from_pretrained(folder).to(device).eval()
+
+
+class HFTextTokenizer:
+    """A Hugging Face tokenizer as fastdpl calls tokenizers: texts -> (N, context_length) token ids,
+    padded to the full length (as SigLIP was trained; CLIP's pad token is its end-of-text)."""
+
+    def __init__(self, tokenizer, context_length: int):
+        self.tokenizer, self.context_length = tokenizer, context_length
+
+    def __call__(self, texts):
+        return self.tokenizer(list(texts), padding="max_length", truncation=True, max_length=self.context_length,
+                              return_tensors="pt")["input_ids"]
+
+
+def _has_tokenizer_files(folder: Path) -> bool:
+    return any((folder / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "vocab.json",
+                                                 "spiece.model", "tokenizer.model"))
+
+
+def _hf_tokenizer(folder: Path, model):
+    from transformers import AutoTokenizer
+
+    from .adapters import adapt
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+    except Exception as exc:  # a folder of broken or foreign files: say which
+        raise ModelLoadError(f"tokenizer: could not load a Hugging Face tokenizer from {folder}: "
+                             f"{type(exc).__name__}: {exc}") from exc
+    return HFTextTokenizer(tokenizer, adapt(model).context_length)
+
+
+def load_tokenizer(setting: str = "auto", name: str = "", model=None):
+    """A callable texts -> token ids for ``model`` (loaded from ``name``), or None for open_clip's
+    bundled CLIP tokenizer (see the module docstring)."""
+    if setting == "clip":
+        return None
+    folder = Path(str(setting)).expanduser()
+    if setting != "auto":
+        if not folder.is_dir() or not _has_tokenizer_files(folder):
+            raise ModelLoadError(f"tokenizer {setting!r} is neither auto, clip nor a folder with Hugging Face "
+                                 "tokenizer files (tokenizer.json, tokenizer_config.json, ...)")
+        return _hf_tokenizer(folder, model)
+    hf_folder = Path(name).expanduser()
+    if (hf_folder / "config.json").is_file():
+        if _has_tokenizer_files(hf_folder):
+            return _hf_tokenizer(hf_folder, model)
+        if type(model).__name__ == "CLIPModel":
+            return None  # transformers' CLIP: CLIP's BPE, the ids open_clip's bundled tokenizer gives
+        raise ModelLoadError(f"{hf_folder} has no tokenizer files: save the model's tokenizer there "
+                             "(tokenizer.save_pretrained) or pass --tokenizer FOLDER")
+    return _open_clip_tokenizer(name)
+
+
+def _open_clip_tokenizer(name: str):
+    """open_clip's own tokenizer for models that have one (SigLIP's SentencePiece...); None for CLIP's BPE."""
+    import open_clip
+
+    if name in TINY_NAMES or name not in open_clip.list_models():
+        return None
+    text_cfg = open_clip.get_model_config(name).get("text_cfg", {})
+    if not text_cfg.get("hf_tokenizer_name"):
+        return None
+    try:
+        return open_clip.get_tokenizer(name)
+    except Exception as exc:  # offline with an empty cache, among others
+        raise ModelLoadError(f"could not load {name}'s tokenizer {text_cfg['hf_tokenizer_name']!r}: "
+                             f"{type(exc).__name__}: {exc}\nNo network? Save it on a connected machine "
+                             "(AutoTokenizer.from_pretrained(...).save_pretrained(FOLDER)) and pass "
+                             "--tokenizer FOLDER") from exc
 
 
 def load_clip(name: str = "ViT-B-16", pretrained: str | None = "openai", device="cpu"):

@@ -23,6 +23,8 @@ forward and state_dict are unchanged and no weight is copied.
 """
 from __future__ import annotations
 
+import functools
+
 from typing import Callable, Sequence
 
 import torch
@@ -144,6 +146,7 @@ class FastDPLPrompt(nn.Module):
                 self.arch_logits[tower] = nn.Parameter(1e-3 * torch.randn(shape, generator=generator))
 
         context_length = self.adapter.context_length
+        self.tokenizer = tokenizer
         per_template = [tokenize_classes(self.classnames, t, tokenizer, context_length) for t in self.templates]
         tokens = per_template[-1]  # an ensemble reads the last template's end-of-text position
         # An ensemble's input is the per-position mean of its templates' token embeddings (in float64,
@@ -165,6 +168,29 @@ class FastDPLPrompt(nn.Module):
         self._to_backbone_device()
 
     # ---- construction helpers ------------------------------------------------------------------------
+    def _tokenize(self, texts) -> torch.Tensor:
+        return tokenize_classes(texts, "{}", self.tokenizer, self.adapter.context_length)
+
+    @functools.cached_property
+    def text_start(self) -> int:
+        """The tokenizer's leading special tokens: 1 for CLIP's start-of-text, 0 for SigLIP's (none)."""
+        empty, word = self._tokenize(["", "x"])
+        return int((empty != word).int().argmax())
+
+    def leading_words(self, words: str) -> int:
+        """How many tokens ``words`` are at the start of the (single) template, from ``text_start``: the
+        positions a context of those words replaces (TPT's "a photo of a")."""
+        template = self.templates[0]
+        if len(self.templates) > 1 or not words.strip() or not template.startswith(words.strip()):
+            raise ValueError(f"context {words!r}: the template {template!r} must start with these words")
+        alone, start = self._tokenize([words])[0].to(self.class_tokens.device), self.text_start
+        same = (self.class_tokens[:, start:] == alone[start:]).all(dim=0).int()
+        count = int(same.cumprod(0).sum())  # the shared run of tokens after the start
+        if count == 0:
+            raise ValueError(f"context {words!r}: its tokens are not the template {template!r}'s first tokens")
+        return count
+
+
     @staticmethod
     def _check_classnames(classnames):
         if isinstance(classnames, str) or not isinstance(classnames, Sequence):
@@ -400,7 +426,8 @@ class FastDPLPrompt(nn.Module):
             inputs[b] = (kv, (prompt.shape[1],), self._one)
         embeddings = self.token_embeddings(length=self.text_length()).repeat(groups, 1, 1)
         if context is not None:
-            embeddings = place_context(embeddings, context.repeat_interleave(classes, 0) if groups > 1 else context)
+            embeddings = place_context(embeddings, context.repeat_interleave(classes, 0) if groups > 1 else context,
+                                       start=self.text_start)
         features = self.encode_text_embeddings(embeddings, self.end_of_text.repeat(groups), inputs)
         return features.view(groups, classes, -1)
 

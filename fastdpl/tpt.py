@@ -168,19 +168,13 @@ class TestTimePromptTuner:
             self.initial = {b: dpl.prompt("text", b, n).detach() for b, n in enumerate(text_lengths) if n > 0}
 
     def _initial_context(self, words: str) -> torch.Tensor:
-        import open_clip
-
-        ids = open_clip.tokenize([words])[0]
-        ids = ids[1:int(ids.argmax())]  # between start- and end-of-text
-        n = len(ids)
-        if len(self.dpl.templates) > 1:
+        dpl = self.dpl
+        if len(dpl.templates) > 1:
             raise ValueError(f"tune='context' replaces the words of one template; this module's text input is an "
-                             f"ensemble of {len(self.dpl.templates)} templates (use tune='text_prompts', or one "
+                             f"ensemble of {len(dpl.templates)} templates (use tune='text_prompts', or one "
                              "template)")
-        tokens = self.dpl.class_tokens
-        if n == 0 or not torch.equal(tokens[:, 1:1 + n].cpu(), ids.expand(tokens.shape[0], n)):
-            raise ValueError(f"context {words!r}: the template {self.dpl.templates[0]!r} must start with these words")
-        return self.dpl.adapter.token_embedding(tokens[0, 1:1 + n]).detach()
+        n, start = dpl.leading_words(words), dpl.text_start
+        return dpl.adapter.token_embedding(dpl.class_tokens[0, start:start + n]).detach()
 
     # ---- text features of G independent prompts ----
     def encode_text(self, tuned: dict) -> torch.Tensor:

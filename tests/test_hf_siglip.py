@@ -91,3 +91,91 @@ def test_coop_refuses_a_model_whose_tokenizer_it_cannot_arrange():
 
     with pytest.raises(UnsupportedModelError, match="arranges CLIP's BPE tokens .* 1000 tokens"):
         CoOpPrompt(siglip(), CLASSNAMES)
+
+
+# ---- a local Hugging Face SigLIP folder through the pipeline ----------------------------------------
+def save_word_tokenizer(folder, texts):
+    """A word-level fast tokenizer over ``texts``' words, saved as Hugging Face tokenizer files (the
+    shape of SigLIP's: end-of-text and padding are both id 1), so the folder holds a model and its
+    tokenizer like a downloaded one."""
+    import re
+
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+
+    words = sorted({w for t in texts for w in re.findall(r"\w+|[^\w\s]+", t)})  # as Whitespace splits
+    vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2, **{w: 3 + i for i, w in enumerate(words)}}
+    core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.Whitespace()
+    core.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    transformers.PreTrainedTokenizerFast(tokenizer_object=core, unk_token="<unk>", pad_token="</s>",
+                                         eos_token="</s>").save_pretrained(folder)
+    return vocab
+
+
+def _digits_texts():
+    from fastdpl.data import load_dataset
+    from fastdpl.templates import IMAGENET_TEMPLATES
+
+    names = [c.replace("_", " ") for c in load_dataset("builtin:digits").classnames]
+    return [t.format(n) for t in IMAGENET_TEMPLATES for n in names]
+
+
+def test_auto_tokenizer_is_the_folders_own_and_pads_as_siglip(tmp_path):
+    from fastdpl.models import load_clip, load_tokenizer
+
+    folder = tmp_path / "siglip"
+    siglip().save_pretrained(folder)
+    vocab = save_word_tokenizer(folder, ["a photo of a cat.", "a photo of a dog."])
+    model = load_clip(str(folder), None)
+    assert type(model).__name__ == "SiglipModel"
+    ids = load_tokenizer("auto", str(folder), model)(["a photo of a cat.", "a dog"])
+    expected = [[vocab[w] for w in ("a", "photo", "of", "a", "cat", ".")] + [1] * 10,
+                [vocab["a"], vocab["dog"]] + [1] * 14]
+    assert ids.tolist() == expected  # end-of-text then padding (id 1) to the context length
+
+
+def test_a_folder_without_tokenizer_files_or_a_bad_tokenizer_setting_is_one_clear_error(tmp_path):
+    from fastdpl.models import ModelLoadError, load_clip, load_tokenizer
+
+    folder = tmp_path / "siglip"
+    siglip().save_pretrained(folder)
+    model = load_clip(str(folder), None)
+    with pytest.raises(ModelLoadError, match="has no tokenizer files: .* --tokenizer FOLDER"):
+        load_tokenizer("auto", str(folder), model)
+    with pytest.raises(ModelLoadError, match="tokenizer 'nowhere' is neither auto, clip nor a folder"):
+        load_tokenizer("nowhere", str(folder), model)
+
+
+def test_pipeline_search_and_train_one_epoch_on_a_local_hf_siglip_folder(tmp_path):
+    from fastdpl.pipeline import stages
+    from fastdpl.pipeline.demo import demo_config
+
+    folder = tmp_path / "hf-siglip"
+    siglip(seed=5).save_pretrained(folder)
+    save_word_tokenizer(folder, _digits_texts())
+    common = dict(model=str(folder), pretrained=None, shots=1, search_epochs=1, train_epochs=1, batch_size=4,
+                  val_batch_size=4, candidate_lengths=[0, 1, 2], output=str(tmp_path / "run"), resume=False,
+                  progress=False, eval_batch_size=256)
+    search = stages.run_search(demo_config(**common))
+    assert search["history"][0]["epoch"] == 1 and len(search["config"]["lengths"]["image"]) == 3
+    trained = stages.run_train(demo_config(**common))  # the 60-template ensemble, through the folder's tokenizer
+    assert trained["method"] == "dpl" and 0 <= trained["top1"] <= 1
+
+
+def test_tpt_context_sits_where_siglips_words_are():
+    """SigLIP's tokens have no start-of-text: "a photo of a" is positions 0..3, and a context of those
+    words' own embeddings gives the template's own text features (positions 1..4 would not)."""
+    from fastdpl import TestTimePromptTuner
+
+    model = siglip(seed=6)
+    dpl = FastDPLPrompt(model, CLASSNAMES, mode="fixed", config=PromptConfig.zero_shot({"image": 3, "text": 3}),
+                        tokenizer=tokenizer)
+    assert dpl.text_start == 0 and dpl.leading_words("a photo of a") == 4
+    tuner = TestTimePromptTuner(dpl, context="a photo of a")
+    context = tuner.initial["context"]
+    with torch.no_grad():
+        assert normalised_error(tuner.encode_text({"context": context[None]})[0], dpl.encode_text()) < 1e-6
+        shifted = torch.cat([dpl.token_embeddings()[0, :1], context[:-1]])  # what a CLIP offset would place
+        assert normalised_error(tuner.encode_text({"context": shifted[None]})[0], dpl.encode_text()) > 1e-3
+    with pytest.raises(ValueError, match="must start with these words"):
+        TestTimePromptTuner(dpl, context="a picture of")

@@ -224,13 +224,15 @@ def prompted_block(block: nn.Module, x: torch.Tensor, prompt_kv, candidate_lengt
         return ops.residual_mlp(block, x)
 
 
-def place_context(embeddings: torch.Tensor, context: torch.Tensor, slots: torch.Tensor | None = None) -> torch.Tensor:
+def place_context(embeddings: torch.Tensor, context: torch.Tensor, slots: torch.Tensor | None = None,
+                  start: int = 1) -> torch.Tensor:
     """CoOp-style learnable context in the token embeddings (S, L, W): ``context`` (n, W) for every
-    sequence or (S, n, W) one per sequence, at positions 1..n (``slots`` None: the template's
-    leading words) or at ``slots`` (S, n) (a class token in front of or amid the context)."""
+    sequence or (S, n, W) one per sequence, at positions start..start+n-1 (``slots`` None: the
+    template's leading words after ``start`` special tokens, 1 for CLIP's start-of-text) or at
+    ``slots`` (S, n) (a class token in front of or amid the context)."""
     sequences, _, width = embeddings.shape
     context = context.to(embeddings.dtype).expand(sequences, context.shape[-2], width)
     if slots is None:
-        return torch.cat([embeddings[:, :1], context, embeddings[:, 1 + context.shape[1]:]], dim=1)
+        return torch.cat([embeddings[:, :start], context, embeddings[:, start + context.shape[1]:]], dim=1)
     index = slots.unsqueeze(-1).expand(-1, -1, width)
     return embeddings.scatter(1, index, context)

@@ -32,6 +32,7 @@ class RunConfig:
     # model
     model: str = "ViT-B-16"
     pretrained: str | None = "openai"
+    tokenizer: str = "auto"  # auto: the model's own (models.load_tokenizer); clip; a Hugging Face tokenizer folder
     template: str = "auto"  # auto: the authors' per stage (stage_template); default | ensemble | custom | "... {} ..."
     impl: str = "auto"
     device: str = "auto"
@@ -166,8 +167,12 @@ SETTINGS = {
     "workers": ("data", _EVAL, "DataLoader worker processes (does not change results)", None),
     "crop_scale": ("data", _TRAINING, "random resized crop scale range, as LOW,HIGH (training)", None),
     "flip": ("data", _TRAINING, "random horizontal flips (training)", ("true", "false")),
-    "model": ("model", _EVAL, "open_clip model name, a local checkpoint, or tiny (the built-in CLIP)", None),
+    "model": ("model", _EVAL, "open_clip model name, a local Hugging Face CLIP/SigLIP folder, or tiny (the "
+              "built-in CLIP)", None),
     "pretrained": ("model", _EVAL, "open_clip pretrained tag or file; none: random weights", None),
+    "tokenizer": ("model", _EVAL, "class texts to token ids: auto (the model's own: a Hugging Face folder's "
+                  "tokenizer files, open_clip's for SigLIP, else CLIP's BPE), clip, or a Hugging Face tokenizer "
+                  "folder", None),
     "template": ("model", _EVAL, "text input: auto (the authors' per stage: search default, train ensemble, "
                  "zeroshot custom), default ('a photo of a {}.'), ensemble (mean of 60 templates' token "
                  "embeddings), custom (the dataset's own), or a format string with {}", None),

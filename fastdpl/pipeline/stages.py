@@ -21,7 +21,7 @@ from ..data import fewshot_splits, load_dataset, subsample_classes
 from ..dtypes import at_least_float32
 from ..methods import CONTEXT_METHODS, CoOpPrompt
 from ..methods.context import STATE_FORMAT as CONTEXT_FORMAT
-from ..models import load_clip
+from ..models import load_clip, load_tokenizer
 from ..prompt import FastDPLPrompt
 from ..templates import CUSTOM_TEMPLATES, IMAGENET_TEMPLATES, resolve_template, tokenize_classes
 from ..adapters import adapt
@@ -43,6 +43,7 @@ class Job:
     splits: object  # DatasetSplits after few-shot sampling and class subsampling
     image_size: int
     template: str = "default"  # the text input of this stage's prompt modules (stage_template)
+    tokenizer: object = None  # texts -> token ids (models.load_tokenizer); None: CLIP's BPE
 
     def out(self, stage: str) -> Path:
         path = Path(self.cfg.output) / stage
@@ -60,7 +61,8 @@ def prepare(cfg: RunConfig, stage: str = "search") -> Job:
     cache = cfg.split_cache or str(Path(cfg.output).parent / "splits" / cfg.dataset.replace(":", "_").replace("/", "_"))
     splits = subsample_classes(fewshot_splits(load_dataset(cfg.dataset, cfg.root), cfg.shots, cfg.seed,
                                               cache_dir=cache if ranks.main else None), cfg.subsample)
-    return Job(cfg, ranks, device, model, splits, adapt(model).image_size[0], stage_template(cfg, stage))
+    return Job(cfg, ranks, device, model, splits, adapt(model).image_size[0], stage_template(cfg, stage),
+               load_tokenizer(cfg.tokenizer, cfg.model, model))
 
 
 def stage_template(cfg: RunConfig, stage: str) -> str:
@@ -85,7 +87,8 @@ def build_dpl(job: Job, classnames, mode: str, config: PromptConfig | None = Non
     starts its prompts from N(0, 0.02^2)."""
     cfg = job.cfg
     common = dict(template=resolve_template(job.template, dataset or cfg.dataset), impl=cfg.impl,
-                  text_chunk_size=cfg.text_chunk_size, generator=torch.Generator().manual_seed(cfg.seed))
+                  text_chunk_size=cfg.text_chunk_size, tokenizer=job.tokenizer,
+                  generator=torch.Generator().manual_seed(cfg.seed))
     if mode == "search":
         return FastDPLPrompt(job.model, classnames, mode="search", candidate_lengths=cfg.candidate_lengths,
                              towers=cfg.search_towers, init=cfg.init, **common)
@@ -183,7 +186,7 @@ def zero_shot_teacher(job: Job, classnames):
     context = model.context_length
     with torch.no_grad():
         per_template = [F.normalize(at_least_float32(model.encode_text(
-            tokenize_classes(classnames, t, None, context).to(job.device))), dim=-1)
+            tokenize_classes(classnames, t, job.tokenizer, context).to(job.device))), dim=-1)
             for t in teacher_templates(job.cfg)]
         text = F.normalize(torch.stack(per_template).mean(0), dim=-1)
 
@@ -241,7 +244,7 @@ def module_like(job: Job, module, classnames, dataset: str):
     if module.mode == "search":
         return FastDPLPrompt(job.model, classnames, mode="search", candidate_lengths=module.candidate_lengths,
                              towers=list(module.prompted), template=resolve_template(job.template, dataset),
-                             impl=job.cfg.impl, text_chunk_size=job.cfg.text_chunk_size)
+                             impl=job.cfg.impl, text_chunk_size=job.cfg.text_chunk_size, tokenizer=job.tokenizer)
     return build_dpl(job, classnames, "fixed", module.config, dataset=dataset)
 
 
@@ -297,7 +300,7 @@ def _load_prompted(job: Job, prompts: str | None):
     else:
         module = FastDPLPrompt(job.model, classnames, mode="search", candidate_lengths=state["candidate_lengths"],
                                towers=state["towers"], template=resolve_template(job.template, job.cfg.dataset),
-                               impl=job.cfg.impl)
+                               impl=job.cfg.impl, tokenizer=job.tokenizer)
     module.load_prompt_state_dict(state)
     # the method label is the same for every seed; the training settings describe the experiment
     return module, state.get("method", "prompts"), str(path), _training_settings(state, path)
