@@ -19,6 +19,7 @@ setup(
         "torch>=2.5",
         "triton>=3.1",
         "open_clip_torch>=2.24",
+        "timm>=1.0",  # open_clip's timm image towers (fastdpl.adapters.open_clip_timm); tested at 1.0.31
         "xformers>=0.0.28",
         "nvtx>=0.2.10",
         "numpy>=1.24",

@@ -87,7 +87,7 @@ if [ $smoke -eq 0 ]; then
   step op 150 $PY -m fastdpl.cli bench op --device cuda --dtype bfloat16 --out "$out/$prefix-op.json"
   step block 60 $PY -m fastdpl.cli bench block --device cuda --dtype bfloat16 --out "$out/$prefix-block.json"
   step step 160 $PY -m fastdpl.cli bench step --device cuda --dtype bfloat16 --repeats 5 \
-    --shapes b4-100cls,b4-1000cls,hf-clip-b32-100cls,hf-siglip-b32-100cls --out "$out/$prefix-step.json"
+    --shapes b4-100cls,b4-1000cls,hf-clip-b32-100cls,hf-siglip-b32-100cls,siglip-b32-100cls --out "$out/$prefix-step.json"
   step tpt 60 $PY -m fastdpl.cli bench tpt --device cuda --dtype bfloat16 --repeats 5 \
     --shapes b16-64v-1000cls --out "$out/$prefix-tpt.json"
   step cocoop 90 $PY -m fastdpl.cli bench cocoop --device cuda --dtype bfloat16 --repeats 5 \

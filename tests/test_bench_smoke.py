@@ -102,7 +102,7 @@ def test_step_runner_writes_json(tmp_path):
     step.run(device="cpu", smoke=True, impl="eager", out=out, echo=lambda *_: None)
     saved = json.loads(out.read_text())
     shapes = {r["shape"] for r in saved["rows"]}
-    assert shapes == {"smoke", "hf-clip-smoke", "hf-siglip-smoke"}  # open_clip, HF CLIP and SigLIP
+    assert shapes == {"smoke", "hf-clip-smoke", "hf-siglip-smoke", "siglip-smoke"}  # open_clip, HF, open_clip+timm
     for shape in shapes:
         rows = {r["provider"]: r for r in saved["rows"] if r["shape"] == shape}
         literal = {"literal", "train_literal"} if shape == "smoke" else set()  # literal: open_clip only

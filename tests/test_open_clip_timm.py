@@ -196,3 +196,18 @@ def test_other_timm_trunks_are_refused_by_name():
     model = build("convnext_tiny")
     with pytest.raises(UnsupportedModelError, match="timm image tower ConvNeXt is unsupported"):
         FastDPLPrompt(model, CLASSNAMES)
+
+
+def test_auto_tokenizer_is_open_clips_own_for_siglip_and_says_what_to_do_offline(monkeypatch):
+    from fastdpl.models import ModelLoadError, load_tokenizer
+
+    assert load_tokenizer("auto", "ViT-B-16") is None and load_tokenizer("auto", "tiny") is None  # CLIP's BPE
+    asked = []
+    monkeypatch.setattr(open_clip, "get_tokenizer", lambda name: asked.append(name) or siglip_tokenizer)
+    assert load_tokenizer("auto", "ViT-B-16-SigLIP") is siglip_tokenizer and asked == ["ViT-B-16-SigLIP"]
+
+    def offline(name):
+        raise OSError("couldn't connect to 'https://huggingface.co'")
+    monkeypatch.setattr(open_clip, "get_tokenizer", offline)
+    with pytest.raises(ModelLoadError, match="(?s)ViT-B-16-SigLIP's tokenizer 'timm/ViT-B-16-SigLIP'.*--tokenizer FOLDER"):
+        load_tokenizer("auto", "ViT-B-16-SigLIP")

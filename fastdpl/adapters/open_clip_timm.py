@@ -26,10 +26,13 @@ from .open_clip import OpenClipAdapter
 
 
 def _timm_classes():
-    from timm.layers import Attention
-    from timm.models.vision_transformer import Block, VisionTransformer
+    """timm's VisionTransformer, Block and Attention (Attention moved to timm.layers in late 1.0.x)."""
+    from timm.models import vision_transformer
 
-    return VisionTransformer, Block, Attention
+    attention = getattr(vision_transformer, "Attention", None)
+    if attention is None:
+        from timm.layers import Attention as attention
+    return vision_transformer.VisionTransformer, vision_transformer.Block, attention
 
 
 class TimmViTBlock(BlockOps):

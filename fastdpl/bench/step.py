@@ -14,7 +14,8 @@ the architecture logits). Providers, timed interleaved in one run:
 
 The literal providers exist for open_clip models only (they call its attention
 modules); Hugging Face CLIP and SigLIP shapes (models ``hf-clip-*``,
-``hf-siglip-*``, random weights from transformers' configs) time the others.
+``hf-siglip-*``, random weights from transformers' configs) and open_clip's SigLIP (timm image
+tower: ``ViT-B-16-SigLIP``, ``siglip-tiny``) time the others.
 
 Reported: median and interquartile range, peak memory (CUDA), and the ratios
 search / single_path, literal / search and train_literal / train.
@@ -50,12 +51,14 @@ GPU_SHAPES = [
     StepShape("b32-1000cls", "ViT-B-16", 32, 1000),
     StepShape("hf-clip-b32-100cls", "hf-clip-b16", 32, 100),
     StepShape("hf-siglip-b32-100cls", "hf-siglip-b16", 32, 100),
+    StepShape("siglip-b32-100cls", "ViT-B-16-SigLIP", 32, 100),
 ]
 CPU_SHAPES = [StepShape("b8-10cls", "ViT-B-16", 8, 10)]
 SMOKE_SHAPES = [StepShape("smoke", "tiny", 2, 3, (0, 1, 2)),
                 StepShape("hf-clip-smoke", "hf-clip-tiny", 2, 3, (0, 1, 2)),
-                StepShape("hf-siglip-smoke", "hf-siglip-tiny", 2, 3, (0, 1, 2))]
-LITERAL = ("literal", "train_literal")  # open_clip models only
+                StepShape("hf-siglip-smoke", "hf-siglip-tiny", 2, 3, (0, 1, 2)),
+                StepShape("siglip-smoke", "siglip-tiny", 2, 3, (0, 1, 2))]
+LITERAL = ("literal", "train_literal")  # open_clip ViT models only (fastdpl.literal runs their blocks)
 
 
 def tiny_clip(seed: int = 0, **text_overrides):
@@ -90,9 +93,23 @@ def _hf_model(name: str):
     return transformers.SiglipModel(transformers.SiglipConfig(text_config=text, vision_config=vision))
 
 
+def _tiny_open_clip_siglip():
+    """open_clip's ViT-B-16-SigLIP config with timm's vit_tiny trunk and a 3-block text tower."""
+    import copy
+
+    import open_clip
+
+    cfg = copy.deepcopy(open_clip.get_model_config("ViT-B-16-SigLIP"))
+    cfg.pop("custom_text", None)
+    cfg["vision_cfg"]["timm_model_name"], cfg["embed_dim"] = "vit_tiny_patch16_224", 192
+    cfg["text_cfg"].update(width=48, heads=3, layers=3, vocab_size=1000, context_length=16)
+    return open_clip.CustomTextCLIP(**cfg)
+
+
 def build_model(name: str, device):
-    """A model with random weights (no download): an open_clip name, "tiny" (tiny_clip()), or
-    ``hf-clip-b16`` / ``hf-siglip-b16`` / ``hf-clip-tiny`` / ``hf-siglip-tiny`` (transformers)."""
+    """A model with random weights (no download): an open_clip name, "tiny" (tiny_clip()),
+    "siglip-tiny" (open_clip's SigLIP config with a tiny timm trunk), or ``hf-clip-b16`` /
+    ``hf-siglip-b16`` / ``hf-clip-tiny`` / ``hf-siglip-tiny`` (transformers)."""
     import open_clip
 
     with torch.random.fork_rng(devices=[]):  # random weights from seed 0; the caller's RNG stays as it was
@@ -100,7 +117,8 @@ def build_model(name: str, device):
         if name.startswith("hf-"):
             model = _hf_model(name)
         else:
-            model = tiny_clip() if name == "tiny" else open_clip.create_model(name, pretrained=None)
+            model = tiny_clip() if name == "tiny" else _tiny_open_clip_siglip() if name == "siglip-tiny" else \
+                open_clip.create_model(name, pretrained=None)
     return model.to(device).eval()
 
 
@@ -139,7 +157,7 @@ def providers(model, shape: StepShape, impl: str):
     search = FastDPLPrompt(model, names, candidate_lengths=shape.lengths, impl=impl, tokenizer=tokenizer).train()
     blocks = {t: len(search._parts[t].blocks) for t in ("image", "text")}
     single = FastDPLPrompt(model, names, mode="fixed", impl=impl, tokenizer=tokenizer,
-                           config=PromptConfig.uniform(max(shape.lengths), blocks["image"], blocks)).train()
+                           config=PromptConfig({t: (max(shape.lengths),) * n for t, n in blocks.items()})).train()
     device = next(model.parameters()).device
     labels = torch.arange(shape.batch, device=device) % shape.classes
     search_params = search.arch_parameters() + search.prompt_parameters()
@@ -159,9 +177,10 @@ def providers(model, shape: StepShape, impl: str):
 
 
 def provider_names(shape: StepShape) -> list:
-    """The providers a shape has: the literal ones for open_clip models only."""
+    """The providers a shape has: the literal ones for open_clip ViT models only."""
     names = ["search", "single_path", "literal", "train", "train_literal"]
-    return [n for n in names if not (shape.model.startswith("hf-") and n in LITERAL)]
+    literal = not (shape.model.startswith("hf-") or "siglip" in shape.model.lower())
+    return [n for n in names if literal or n not in LITERAL]
 
 
 def make_calls(shape: StepShape, device, dtype, impl) -> dict:
