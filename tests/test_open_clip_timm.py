@@ -209,5 +209,6 @@ def test_auto_tokenizer_is_open_clips_own_for_siglip_and_says_what_to_do_offline
     def offline(name):
         raise OSError("couldn't connect to 'https://huggingface.co'")
     monkeypatch.setattr(open_clip, "get_tokenizer", offline)
-    with pytest.raises(ModelLoadError, match="(?s)ViT-B-16-SigLIP's tokenizer 'timm/ViT-B-16-SigLIP'.*--tokenizer FOLDER"):
+    expected = "(?s)ViT-B-16-SigLIP's tokenizer 'timm/ViT-B-16-SigLIP'.*--tokenizer FOLDER"
+    with pytest.raises(ModelLoadError, match=expected):
         load_tokenizer("auto", "ViT-B-16-SigLIP")

@@ -97,6 +97,14 @@ class BlockOps:
         raise NotImplementedError
 
 
+def norm_after_mixture(where: str, option: str) -> UnsupportedModelError:
+    """The error of a search over a block whose attention normalises its output per token: the
+    mixture sum_c w_c attn_c would pass through that norm, which is not the weighted mixture of the
+    candidates' blocks (exact with one candidate: fixed mode)."""
+    return UnsupportedModelError(f"{where}: {option} cannot be searched: the mixture of candidates would pass "
+                                 "through its LayerNorm; use mode='fixed'")
+
+
 FAMILIES: list = []  # BlockOps subclasses, tried in order by block_ops
 
 

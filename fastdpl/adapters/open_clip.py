@@ -23,7 +23,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .base import FAMILIES, BlockOps, ModelAdapter, UnsupportedModelError, make_tower
+from .base import FAMILIES, BlockOps, ModelAdapter, UnsupportedModelError, make_tower, norm_after_mixture
 
 
 def _is_attention(attn) -> bool:
@@ -62,9 +62,7 @@ class OpenClipBlock(BlockOps):
     def mixable(where, block) -> None:
         attn = block.attn
         if not isinstance(attn, nn.MultiheadAttention) and not isinstance(attn.ln_inner, nn.Identity):
-            raise UnsupportedModelError(
-                f"{where}: Attention with inner_norm (scale_attn_inner) cannot be searched: the mixture of "
-                "candidates would pass through its LayerNorm; use mode='fixed'")
+            raise norm_after_mixture(where, "Attention with inner_norm (scale_attn_inner)")
 
     @staticmethod
     def heads(block) -> int:

@@ -21,7 +21,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .base import FAMILIES, BlockOps, UnsupportedModelError, make_tower
+from .base import FAMILIES, BlockOps, UnsupportedModelError, make_tower, norm_after_mixture
 from .open_clip import OpenClipAdapter
 
 
@@ -62,9 +62,7 @@ class TimmViTBlock(BlockOps):
     @staticmethod
     def mixable(where, block) -> None:
         if not isinstance(block.attn.norm, nn.Identity):
-            raise UnsupportedModelError(
-                f"{where}: timm Attention with scale_norm (scale_attn_norm) cannot be searched: the mixture of "
-                "candidates would pass through its LayerNorm; use mode='fixed'")
+            raise norm_after_mixture(where, "timm Attention with scale_norm (scale_attn_norm)")
 
     @staticmethod
     def heads(block) -> int:
