@@ -179,3 +179,15 @@ def test_tpt_context_sits_where_siglips_words_are():
         assert normalised_error(tuner.encode_text({"context": shifted[None]})[0], dpl.encode_text()) > 1e-3
     with pytest.raises(ValueError, match="must start with these words"):
         TestTimePromptTuner(dpl, context="a picture of")
+
+
+def test_siglip2_naflex_is_refused_by_name():
+    from fastdpl.adapters import UnsupportedModelError
+
+    config = transformers.Siglip2Config(
+        text_config=dict(hidden_size=48, intermediate_size=96, num_attention_heads=3, num_hidden_layers=2,
+                         vocab_size=1000, max_position_embeddings=LENGTH, bos_token_id=None, eos_token_id=1),
+        vision_config=dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_hidden_layers=2,
+                           patch_size=8))
+    with pytest.raises(UnsupportedModelError, match="Siglip2Model: NaFlex patch embeddings"):
+        FastDPLPrompt(transformers.Siglip2Model(config), CLASSNAMES, tokenizer=tokenizer)

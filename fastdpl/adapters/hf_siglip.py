@@ -29,6 +29,10 @@ class HFSiglipAdapter(HFEncoderAdapter):
             hasattr(model.text_model, "head") and not hasattr(model, "visual_projection")
 
     def __init__(self, model: nn.Module):
+        if not isinstance(getattr(model.vision_model.embeddings, "patch_embedding", None), nn.Conv2d):
+            raise UnsupportedModelError(
+                f"image tower of {type(model).__name__}: NaFlex patch embeddings (SigLIP2's variable-resolution "
+                "patch sequences) are unsupported; fastdpl runs SiglipModel, or open_clip's ViT-B-16-SigLIP2")
         if getattr(model.vision_model, "head", None) is None:
             raise UnsupportedModelError("image tower: a SigLIP vision model without its pooling head is unsupported")
         super().__init__(model, text_causal=False)
