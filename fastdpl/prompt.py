@@ -45,6 +45,15 @@ INITS = ("normal", "paper")
 STATE_FORMAT = "fastdpl-prompts-v1"
 
 
+def check_state_header(state, fmt: str, kind: str, saved: str, backbone) -> None:
+    """A ValueError unless ``state`` is a saved state of format ``fmt`` ("not a fastdpl ``kind``
+    state") for this ``backbone`` ("``saved`` saved for ...")."""
+    if not isinstance(state, dict) or state.get("format") != fmt:
+        raise ValueError(f"not a fastdpl {kind} state (format {fmt!r})")
+    if state["backbone"] != backbone:
+        raise ValueError(f"backbone mismatch: {saved} saved for {state['backbone']}, this model is {backbone}")
+
+
 def check_saved_tensors(group: str, saved: dict, params, hint: str = "") -> None:
     """A ValueError naming the keys or the first shape in which ``saved`` tensors differ from
     ``params`` (``hint`` is added to a shape mismatch)."""
@@ -487,11 +496,7 @@ class FastDPLPrompt(nn.Module):
 
     def load_prompt_state_dict(self, state: dict) -> None:
         """Load prompts and alpha saved by prompt_state_dict; a mismatch is a ValueError naming it."""
-        if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
-            raise ValueError(f"not a fastdpl prompt state (format {STATE_FORMAT!r})")
-        if state["backbone"] != self.backbone_signature():
-            raise ValueError(f"backbone mismatch: the prompts were saved for {state['backbone']}, "
-                             f"this model is {self.backbone_signature()}")
+        check_state_header(state, STATE_FORMAT, "prompt", "the prompts were", self.backbone_signature())
         mine = self.prompt_state_dict()
         for field in ("mode", "candidate_lengths", "config", "towers"):
             if state[field] != mine[field]:

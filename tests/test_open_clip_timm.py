@@ -109,6 +109,18 @@ def literal_timm_block(block, x, candidates):
     return x + block.ls2(block.mlp(block.norm2(x)))
 
 
+def first_block_input(trunk, images):
+    """What the trunk's own forward feeds its first block (patches, prefix tokens, positions)."""
+    seen = []
+    handle = trunk.blocks[0].register_forward_pre_hook(lambda module, args: seen.append(args[0]))
+    try:
+        with torch.no_grad():
+            trunk.forward_features(images)
+    finally:
+        handle.remove()
+    return seen[0]
+
+
 def _candidates(dpl, tower, block):
     lengths = dpl.prompted[tower][block]
     weights = torch.softmax(dpl.arch_logits[tower][block], 0) if dpl.mode == "search" else [None]
@@ -117,10 +129,10 @@ def _candidates(dpl, tower, block):
 
 def literal_logits(dpl, model, images, tokens):
     trunk, text = model.visual.trunk, _text(model)
-    x = trunk.norm_pre(trunk.patch_drop(trunk._pos_embed(trunk.patch_embed(images))))
+    x = first_block_input(trunk, images)
     for b, block in enumerate(trunk.blocks):
         x = literal_timm_block(block, x, _candidates(dpl, "image", b))
-    image = model.visual.head(trunk.forward_head(trunk.norm(x)))  # every row, the trunk's own head
+    image = model.visual.head(trunk.forward_head(trunk.norm(x)))  # every row, as TimmModel.forward does
     t = text.token_embedding(tokens) + text.positional_embedding
     n = tokens.shape[1]
     mask = torch.full((n, n), float("-inf"), dtype=t.dtype).triu(1) if text.attn_mask is not None else None

@@ -30,7 +30,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..config import PromptConfig
-from ..prompt import FastDPLPrompt, check_saved_tensors
+from ..prompt import FastDPLPrompt, check_saved_tensors, check_state_header
 from ..adapters import UnsupportedModelError, adapt, place_context
 
 POSITIONS = ("end", "middle", "front")
@@ -220,14 +220,10 @@ class CoOpPrompt(nn.Module):
 
     def load_prompt_state_dict(self, state: dict) -> None:
         """Load what prompt_state_dict saved; any mismatch is a ValueError naming it."""
-        if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
-            raise ValueError(f"not a fastdpl context-prompt state (format {STATE_FORMAT!r})")
+        check_state_header(state, STATE_FORMAT, "context-prompt", "the context was", self.clip.backbone_signature())
         if state["method_settings"] != self.settings():
             raise ValueError(f"settings mismatch: saved {state['method_settings']}, this module has "
                              f"{self.settings()}")
-        if state["backbone"] != self.clip.backbone_signature():
-            raise ValueError(f"backbone mismatch: the context was saved for {state['backbone']}, "
-                             f"this model is {self.clip.backbone_signature()}")
         mine = self._learned_tensors()
         hint = " (class-specific contexts need the same classes)" if self.class_specific else ""
         check_saved_tensors("tensors", state["tensors"], mine, hint)
