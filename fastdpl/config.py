@@ -32,19 +32,28 @@ def _check_lengths(tower: str, lengths) -> tuple[int, ...]:
 
 @dataclass(frozen=True)
 class PromptConfig:
-    """Per-tower, per-block prompt lengths, e.g. ``{"image": (6, 0, 2, ...), "text": (...)}``."""
+    """Per-stack, per-block prompt lengths, e.g. ``{"image": (6, 0, 2, ...), "text": (...)}``.
+
+    ``stacks``: the stack names a configuration may use, in their order: a CLIP's towers by
+    default; a language model's or a classifier's own (e.g. ``("decoder",)``) otherwise."""
 
     lengths: Mapping[str, tuple]
+    stacks: tuple = TOWERS
 
     def __post_init__(self):
+        stacks = tuple(self.stacks)
+        if not stacks or not all(isinstance(s, str) and s.isidentifier() for s in stacks):
+            raise ValueError(f"PromptConfig: stacks must be identifiers, got {self.stacks!r}")
+        object.__setattr__(self, "stacks", stacks)
         if not isinstance(self.lengths, Mapping) or not self.lengths:
             raise ValueError("PromptConfig: lengths must map at least one tower name to per-block lengths")
         checked = {}
         for tower, lengths in self.lengths.items():
-            if tower not in TOWERS:
-                raise ValueError(f"PromptConfig: unknown tower {tower!r}; expected one of {TOWERS}")
+            if tower not in stacks:
+                noun = "tower" if stacks == TOWERS else "stack"
+                raise ValueError(f"PromptConfig: unknown {noun} {tower!r}; expected one of {stacks}")
             checked[tower] = _check_lengths(tower, lengths)
-        object.__setattr__(self, "lengths", dict(sorted(checked.items(), key=lambda kv: TOWERS.index(kv[0]))))
+        object.__setattr__(self, "lengths", dict(sorted(checked.items(), key=lambda kv: stacks.index(kv[0]))))
 
     # ---- presets -----------------------------------------------------------------------------------
     @classmethod
@@ -58,7 +67,8 @@ class PromptConfig:
         for tower, total in blocks.items():
             if not 0 <= depth <= total:
                 raise ValueError(f"PromptConfig.uniform: depth {depth} must be within 0..{total} blocks of {tower!r}")
-        return cls({t: (length,) * depth + (0,) * (blocks[t] - depth) for t in towers})
+        stacks = TOWERS if set(towers) <= set(TOWERS) else tuple(towers)  # a CLIP's, or another model's stacks
+        return cls({t: (length,) * depth + (0,) * (blocks[t] - depth) for t in towers}, stacks=stacks)
 
     @classmethod
     def zero_shot(cls, num_blocks: int | Mapping[str, int], towers: Sequence[str] = TOWERS) -> "PromptConfig":
@@ -123,7 +133,9 @@ class PromptConfig:
 
     # ---- JSON --------------------------------------------------------------------------------------
     def to_dict(self) -> dict:
-        return {"format": FORMAT, "lengths": {t: list(v) for t, v in self.lengths.items()}}
+        """JSON-ready; a CLIP's configuration is written as before (no "stacks" entry)."""
+        stacks = {} if self.stacks == TOWERS else {"stacks": list(self.stacks)}
+        return {"format": FORMAT, "lengths": {t: list(v) for t, v in self.lengths.items()}, **stacks}
 
     @classmethod
     def from_dict(cls, data: Mapping) -> "PromptConfig":
@@ -131,7 +143,7 @@ class PromptConfig:
             raise ValueError("PromptConfig: expected a mapping with a 'lengths' entry")
         if data.get("format", FORMAT) != FORMAT:
             raise ValueError(f"PromptConfig: unsupported format {data.get('format')!r}; expected {FORMAT!r}")
-        return cls({t: tuple(v) for t, v in data["lengths"].items()})
+        return cls({t: tuple(v) for t, v in data["lengths"].items()}, stacks=tuple(data.get("stacks", TOWERS)))
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=1)

@@ -33,40 +33,16 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from .config import TOWERS, PromptConfig
-from .ops import IMPLS, normalize_candidate_lengths
+from .core import MODES, PromptBank, PromptShape, Stack, check_saved_tensors, check_state_header  # noqa: F401
+from .ops import IMPLS
 from .profiling import nvtx_range
 from .templates import resolve_template, tokenize_classes
 from .adapters import adapt, check_mixable, place_context, project_prompts, prompted_block
 
-MODES = ("search", "fixed")
 # The exact savings of DESIGN section 2; tests switch each off to show it changes no output.
 SAVINGS = frozenset({"truncate_text", "last_block_rows"})
 INITS = ("normal", "paper")
 STATE_FORMAT = "fastdpl-prompts-v1"
-
-
-def check_state_header(state, fmt: str, kind: str, saved: str, backbone) -> None:
-    """A ValueError unless ``state`` is a saved state of format ``fmt`` ("not a fastdpl ``kind``
-    state") for this ``backbone`` ("``saved`` saved for ...")."""
-    if not isinstance(state, dict) or state.get("format") != fmt:
-        raise ValueError(f"not a fastdpl {kind} state (format {fmt!r})")
-    if state["backbone"] != backbone:
-        raise ValueError(f"backbone mismatch: {saved} saved for {state['backbone']}, this model is {backbone}")
-
-
-def check_saved_tensors(group: str, saved: dict, params, hint: str = "") -> None:
-    """A ValueError naming the keys or the first shape in which ``saved`` tensors differ from
-    ``params`` (``hint`` is added to a shape mismatch)."""
-    if set(saved) != set(params):
-        raise ValueError(f"{group}: saved keys {sorted(saved)} != {sorted(params)}")
-    for key, value in saved.items():
-        if tuple(value.shape) != tuple(params[key].shape):
-            raise ValueError(f"{group}[{key!r}]: saved shape {tuple(value.shape)} != "
-                             f"{tuple(params[key].shape)}{hint}")
-
-
-def _prompt_key(tower: str, block: int, length: int) -> str:
-    return f"{tower}_block{block}_len{length}"
 
 
 class FastDPLPrompt(nn.Module):
@@ -114,45 +90,22 @@ class FastDPLPrompt(nn.Module):
         self.model = model
         for p in model.parameters():
             p.requires_grad_(False)
-        self.mode, self.impl, self.init, self.text_chunk_size = mode, impl, init, text_chunk_size
+        self.impl, self.init, self.text_chunk_size = impl, init, text_chunk_size
         self.classnames = self._check_classnames(classnames)
         self.template = template if isinstance(template, str) else list(template)
         self.templates = resolve_template(template)
-
         if mode == "search":
             towers = self._check_towers(towers)
-            lengths = normalize_candidate_lengths(candidate_lengths)
-            if len(set(lengths)) != len(lengths):
-                raise ValueError(f"candidate_lengths must be distinct, got {list(lengths)}")
-            self.candidate_lengths = lengths
-            self.config = None
             for tower in towers:
                 check_mixable(self._parts[tower])
-            self.prompted = {t: [lengths] * len(self._parts[t].blocks) for t in towers}
-        else:
-            if config is None or not isinstance(config, PromptConfig):
-                raise ValueError("mode='fixed' needs config=PromptConfig(...) (e.g. dpl.derive_config())")
-            for tower, lengths in config.lengths.items():
-                if len(lengths) != len(self._parts[tower].blocks):
-                    raise ValueError(f"config: tower {tower!r} has {len(lengths)} block lengths but the model's "
-                                     f"{tower} tower has {len(self._parts[tower].blocks)} blocks")
-            self.candidate_lengths = None
-            self.config = config
-            self.prompted = {t: [(n,) for n in config.lengths[t]] for t in config.towers}
-
-        generator = generator if generator is not None else torch.Generator().manual_seed(0)
-        self.prompts = nn.ParameterDict()
-        for tower, per_block in self.prompted.items():
-            for block, lengths in enumerate(per_block):
-                for n in lengths:
-                    if n > 0:
-                        self.prompts[_prompt_key(tower, block, n)] = nn.Parameter(
-                            self._initial_prompt(tower, n, generator))
-        self.arch_logits = nn.ParameterDict()
-        if mode == "search":
-            for tower in self.prompted:
-                shape = (len(self._parts[tower].blocks), len(self.candidate_lengths))
-                self.arch_logits[tower] = nn.Parameter(1e-3 * torch.randn(shape, generator=generator))
+        elif config is None or not isinstance(config, PromptConfig):
+            raise ValueError("mode='fixed' needs config=PromptConfig(...) (e.g. dpl.derive_config())")
+        # The prompts and alpha: the core's bank over both towers (prompts as tokens of the tower's width).
+        names = {module: name for name, module in model.named_modules()}
+        stacks = [Stack(t, part.blocks, PromptShape.tokens(part.width), [names.get(b, "") for b in part.blocks],
+                        noun="tower") for t, part in self._parts.items()]
+        self.bank = PromptBank(stacks, mode=mode, candidate_lengths=candidate_lengths, searched=towers, config=config,
+                               initial=lambda stack, n, g: self._initial_prompt(stack.name, n, g), generator=generator)
 
         context_length = self.adapter.context_length
         self.tokenizer = tokenizer
@@ -229,9 +182,33 @@ class FastDPLPrompt(nn.Module):
         return 0.02 * torch.randn(length, width, generator=generator)
 
     def _to_backbone_device(self):
-        device = next(self.model.parameters()).device
-        for p in list(self.prompts.values()) + list(self.arch_logits.values()):
-            p.data = p.data.to(device)
+        self.bank.to(next(self.model.parameters()).device)
+
+    # ---- the core's state, as this module's attributes -------------------------------------------------
+    @property
+    def mode(self) -> str:
+        return self.bank.mode
+
+    @property
+    def candidate_lengths(self):
+        return self.bank.candidate_lengths
+
+    @property
+    def config(self):
+        return self.bank.config
+
+    @property
+    def prompts(self) -> nn.ParameterDict:
+        return self.bank.prompts
+
+    @property
+    def arch_logits(self) -> nn.ParameterDict:
+        return self.bank.arch_logits
+
+    @property
+    def prompted(self) -> dict:
+        """{tower: per-block candidate lengths} of the prompted towers."""
+        return self.bank.lengths
 
     # ---- public API ----------------------------------------------------------------------------------
     @property
@@ -247,33 +224,21 @@ class FastDPLPrompt(nn.Module):
 
     def prompt(self, tower: str, block: int, length: int) -> nn.Parameter:
         """The (length, width) prompt of a candidate (search) or of the block (fixed)."""
-        key = _prompt_key(tower, block, length)
-        if key not in self.prompts:
-            raise KeyError(f"no prompt for tower {tower!r}, block {block}, length {length}")
-        return self.prompts[key]
+        return self.bank.prompt(tower, block, length)
 
     def arch_parameters(self) -> list[nn.Parameter]:
-        return list(self.arch_logits.values())
+        return self.bank.arch_parameters()
 
     def prompt_parameters(self) -> list[nn.Parameter]:
-        return list(self.prompts.values())
+        return self.bank.prompt_parameters()
 
     def parameter_groups(self) -> dict:
         """{group: parameters}: "prompt" (SGD on training batches) and, in search mode, "arch" (alpha)."""
-        return {"prompt": self.prompt_parameters(), **({"arch": self.arch_parameters()} if self.arch_logits else {})}
+        return self.bank.parameter_groups()
 
     def derive_config(self) -> PromptConfig:
         """argmax of the architecture logits per block; towers without prompts get zeros."""
-        if self.mode != "search":
-            return self.config
-        lengths = {}
-        for tower in TOWERS:
-            if tower in self.arch_logits:
-                best = self.arch_logits[tower].detach().argmax(dim=1).tolist()
-                lengths[tower] = tuple(self.candidate_lengths[i] for i in best)
-            else:
-                lengths[tower] = (0,) * len(self._parts[tower].blocks)
-        return PromptConfig(lengths)
+        return self.bank.derive_config(order=TOWERS, allowed=TOWERS)
 
     # ---- forward -------------------------------------------------------------------------------------
     def _block_inputs(self, tower: str, dtype, skip=()):
@@ -284,16 +249,12 @@ class FastDPLPrompt(nn.Module):
             return [(None, None, None)] * len(blocks)
         inputs = []
         with nvtx_range(f"fastdpl/{tower}/prompts"):
-            for b, (block, lengths) in enumerate(zip(blocks, self.prompted[tower])):
-                if (self.mode == "fixed" and lengths[0] == 0) or b in skip:
+            for b, block in enumerate(blocks):
+                found = None if b in skip else self.bank.block_prompts(tower, b, dtype)
+                if found is None:
                     inputs.append((None, None, None))  # a plain block
                     continue
-                rows = [self.prompts[_prompt_key(tower, b, n)] for n in lengths if n > 0]
-                width = self._parts[tower].width
-                prompts = torch.cat(rows).to(dtype) if rows else torch.zeros(0, width, dtype=dtype,
-                                                                            device=self._one.device)
-                weights = (torch.softmax(self.arch_logits[tower][b], dim=0) if self.mode == "search"
-                           else self._one)
+                prompts, lengths, weights = found
                 inputs.append((project_prompts(block, prompts), lengths, weights))
         return inputs
 
@@ -448,12 +409,15 @@ class FastDPLPrompt(nn.Module):
             raise ValueError(f"classes={classes!r} selects no class of {self.num_classes}")
         return lo, hi
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        """CLIP logits (B, num_classes): logit_scale * cos(image feature, class text feature)."""
+    def forward(self, images: torch.Tensor, return_features: bool = False):
+        """CLIP logits (B, num_classes): logit_scale * cos(image feature, class text feature); with
+        ``return_features`` also {"image": (B, E), "text": (num_classes, E)}, unnormalised (what a
+        regulariser of the training loop reads)."""
         image_features = self.encode_image(images)
         with nvtx_range("fastdpl/text"):
             text_features = self.encode_text()
-        return self.logits(image_features, text_features)
+        logits = self.logits(image_features, text_features)
+        return (logits, {"image": image_features, "text": text_features}) if return_features else logits
 
     def logits(self, image_features: torch.Tensor, text_features: torch.Tensor) -> torch.Tensor:
         """CLIP's head: logit_scale * cos(image, text) (+ logit_bias where the model has one).
@@ -501,13 +465,7 @@ class FastDPLPrompt(nn.Module):
         for field in ("mode", "candidate_lengths", "config", "towers"):
             if state[field] != mine[field]:
                 raise ValueError(f"{field} mismatch: saved {state[field]!r}, this module has {mine[field]!r}")
-        groups = (("prompts", self.prompts), ("arch_logits", self.arch_logits))
-        for group, params in groups:  # check everything before copying anything
-            check_saved_tensors(group, state[group], params)
-        with torch.no_grad():
-            for group, params in groups:
-                for key, value in state[group].items():
-                    params[key].copy_(value)
+        self.bank.copy_tensors(state)
         self._text_cache = None
 
     def extra_repr(self) -> str:

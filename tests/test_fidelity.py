@@ -113,7 +113,7 @@ def test_tpt_views_refuse_a_bad_severity():
 # ---- 2. the alpha step's validation batches ----------------------------------------------------------
 def _alpha_batches(tmp_path, monkeypatch, **settings):
     seen = []
-    monkeypatch.setattr(training, "arch_step", lambda net, opt, images, labels, job: seen.append((images, labels)))
+    monkeypatch.setattr(training, "arch_step", lambda net, opt, images, labels, job, **_: seen.append((images, labels)))
     assert RunConfig().val_batch_size == 16  # the authors' TEST.BATCH_SIZE is fastdpl's default
     cfg = demo_config(shots=4, search_epochs=1, batch_size=4, output=str(tmp_path / "run"), resume=False,
                       progress=False, val_batch_size=16, **settings)

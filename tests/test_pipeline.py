@@ -186,7 +186,7 @@ def test_accuracy_per_class_against_a_direct_count(tmp_path):
 def test_distillation_teacher_skipped_at_weight_zero_and_exact_otherwise(tmp_path, monkeypatch):
     job = stages.prepare(quick(tmp_path))
     monkeypatch.setattr(stages, "zero_shot_teacher", lambda *a: pytest.fail("teacher ran at weight 0"))
-    assert stages.distillation_loss(job, job.splits.classnames) is None
+    assert stages.distillation(job, job.splits.classnames) == {}  # no regulariser, no frozen model
     monkeypatch.undo()
     job.cfg.distill_weight, job.cfg.distill_temperature = 0.7, 2.0
     # All in float64 (the loss and an independent reference): they must agree to rounding.
@@ -201,7 +201,10 @@ def test_distillation_teacher_skipped_at_weight_zero_and_exact_otherwise(tmp_pat
 
     for teacher_setting, templates in (("ensemble", IMAGENET_TEMPLATES), ("last", ["itap of the {}."])):
         job.cfg.distill_teacher = teacher_setting
-        loss = stages.distillation_loss(job, job.splits.classnames)(student, images)
+        terms = stages.distillation(job, job.splits.classnames)
+        (regularizer,) = terms["regularizers"]
+        assert regularizer.frozen and not regularizer.features
+        loss = regularizer.term(training.Step(images, None, student, frozen=terms["frozen"]))
         with torch.no_grad():
             texts = [[t.format(c) for c in job.splits.classnames] for t in templates]
             text = torch.stack([F.normalize(model.encode_text(open_clip.tokenize(t, context_length=16)), dim=-1)
@@ -581,9 +584,20 @@ def _umask():
 def test_cli_help_version_datasets_and_dry_run(tmp_path):
     """Each stage's --help shows its own settings, each described with its allowed values;
     --version; `fastdpl datasets`; --dry-run prints the resolved settings and runs nothing."""
-    def cli(*args):
-        return subprocess.run([sys.executable, "-m", "fastdpl.cli", *args], capture_output=True, text=True,
-                              cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=120)
+    import contextlib
+    import io
+    import types
+
+    from fastdpl.cli import main
+
+    def cli(*args):  # in this process (the prompts a user sees are argparse's; no interpreter start-up)
+        out, err = io.StringIO(), io.StringIO()
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                code = main(list(args))
+            except SystemExit as exit_:
+                code = exit_.code or 0
+        return types.SimpleNamespace(returncode=code, stdout=out.getvalue(), stderr=err.getvalue())
 
     zeroshot, search = cli("zeroshot", "--help").stdout, cli("search", "--help").stdout
     assert "--arch-lr" in search and "Adam learning rate of alpha" in search

@@ -30,7 +30,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..config import PromptConfig
-from ..prompt import FastDPLPrompt, check_saved_tensors, check_state_header
+from ..core import check_saved_tensors, check_state_header
+from ..prompt import FastDPLPrompt
 from ..adapters import UnsupportedModelError, adapt, place_context
 
 POSITIONS = ("end", "middle", "front")
@@ -163,8 +164,11 @@ class CoOpPrompt(nn.Module):
     def logits(self, image_features: torch.Tensor, text_features: torch.Tensor) -> torch.Tensor:
         return self.clip.logits(image_features, text_features)
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.logits(self.encode_image(images), self.encode_text())
+    def forward(self, images: torch.Tensor, return_features: bool = False):
+        """Logits (B, C); with ``return_features`` also {"image": (B, E), "text": (C, E)}."""
+        image, text = self.encode_image(images), self.encode_text()
+        logits = self.logits(image, text)
+        return (logits, {"image": image, "text": text}) if return_features else logits
 
     # ---- text ----------------------------------------------------------------------------------------
     def _class_embeddings(self) -> torch.Tensor:
@@ -279,9 +283,13 @@ class CoCoOpPrompt(CoOpPrompt):
         """(B, C) logits of B images, image b against the class texts under context[b] (B, n, W)."""
         return self.clip.logits(image_features, self.encode_text_with_context(context))
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
+    def forward(self, images: torch.Tensor, return_features: bool = False):
+        """Logits (B, C); with ``return_features`` also {"image": (B, E), "text": (B, C, E)} (each
+        image's own class texts)."""
         image_features = self.encode_image(images)
-        return self.logits_with_context(image_features, self.image_context(image_features))
+        text = self.encode_text_with_context(self.image_context(image_features))
+        logits = self.clip.logits(image_features, text)
+        return (logits, {"image": image_features, "text": text}) if return_features else logits
 
     def encode_text(self, classes: slice | None = None) -> torch.Tensor:
         raise ValueError("CoCoOp's class texts depend on the image: use forward(images) or "

@@ -46,8 +46,11 @@ class ShardedTextClassifier(nn.Module):
         gathered = all_gather(local)
         return torch.cat([g[:hi - lo] for g, (lo, hi) in zip(gathered, self.shares)])
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.dpl.logits(self.dpl.encode_image(images), self.text_features())
+    def forward(self, images: torch.Tensor, return_features: bool = False):
+        """Logits (B, C); with ``return_features`` also {"image": (B, E), "text": (C, E)} unnormalised."""
+        image, text = self.dpl.encode_image(images), self.text_features()
+        logits = self.dpl.logits(image, text)
+        return (logits, {"image": image, "text": text}) if return_features else logits
 
 
 def wrap(module, ranks: Dist, device: str) -> nn.Module:

@@ -31,7 +31,7 @@ from .evaluation import evaluate_and_write, tally
 from .loaders import cycle_batches, first_batch, make_loader
 from .logs import alpha_entropy
 from .runtime import Dist, autocast, barrier, init_distributed, pick_device, seed_everything
-from .training import Training, fit, prompt_schedule
+from .training import Regularizer, Training, fit, prompt_schedule
 
 
 @dataclass
@@ -197,19 +197,21 @@ def zero_shot_teacher(job: Job, classnames):
     return logits
 
 
-def distillation_loss(job: Job, classnames):
-    """KL(teacher || student) at temperature T, weighted; None when the weight is 0 (teacher never runs)."""
+def distillation(job: Job, classnames) -> dict:
+    """The distillation term as Training arguments: KL(teacher || student) at temperature T,
+    weighted, the teacher being zero-shot CLIP (the frozen model); nothing when the weight is 0
+    (the teacher never runs)."""
     cfg = job.cfg
     if cfg.distill_weight == 0:
-        return None
-    teacher = zero_shot_teacher(job, classnames)
+        return {}
     T = cfg.distill_temperature
 
-    def loss(student_logits, images):
-        target = F.log_softmax(teacher(images) / T, dim=-1)
-        kl = F.kl_div(F.log_softmax(student_logits / T, dim=-1), target, log_target=True, reduction="batchmean")
-        return cfg.distill_weight * T * T * kl
-    return loss
+    def term(step):
+        target = F.log_softmax(step.frozen() / T, dim=-1)
+        student = F.log_softmax(at_least_float32(step.predictions) / T, dim=-1)
+        return cfg.distill_weight * T * T * F.kl_div(student, target, log_target=True, reduction="batchmean")
+    return {"regularizers": (Regularizer("distillation", term, frozen=True),),
+            "frozen": zero_shot_teacher(job, classnames)}
 
 
 def context_settings(cfg: RunConfig) -> dict:
@@ -271,7 +273,7 @@ def run_train(cfg: RunConfig) -> dict:
         optimizer = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
         fit(job, out, "train", Training(module, wrap(module, job.ranks, job.device), {"prompt": optimizer},
                                         prompt_schedule(optimizer, cfg, cfg.train_epochs), cfg.train_epochs,
-                                        extra_loss=distillation_loss(job, job.splits.classnames)))
+                                        **distillation(job, job.splits.classnames)))
     if job.ranks.main:
         save_atomic({**module.prompt_state_dict(), "method": method, "template": job.template,
                      "settings": cfg.to_dict()}, out / "prompts.pt")

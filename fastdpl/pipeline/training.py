@@ -1,10 +1,18 @@
-"""One training loop for every method: DPL's search (with its alpha steps on validation
-batches), DPL's train stage, uniform deep prompts, CoOp and CoCoOp.
+"""One training loop for every method and model: DPL's search (with its alpha steps on
+validation batches), DPL's train stage, uniform deep prompts, CoOp and CoCoOp; any batch, any loss.
 
 ``fit`` runs the epochs of a ``Training`` (the method's module, the module called on the
-images, the optimisers and the schedule): progress bars, per-epoch history and logs,
+inputs, the optimisers and the schedule): progress bars, per-epoch history and logs,
 atomic checkpoints every epoch, and exact resume (``--resume``) refusing changed settings.
 What differs between methods is only what the Training holds.
+
+A batch is ``(inputs, targets)``: images and labels for a CLIP, a dict of token ids and masks
+and the token labels for a language model; tensors, or dicts/tuples of them. The Training's
+``objective`` turns a batch into predictions, a loss and the progress bar's tally
+(``Classification``, cross-entropy on the logits, by default); its ``regularizers`` add terms
+computed from a ``Step``: the batch, the prompted model's predictions and, when a regulariser
+asks, its features (``net(inputs, return_features=True)``) and the frozen model's outputs on the
+same inputs (``Training.frozen``), each computed at most once per step.
 """
 from __future__ import annotations
 
@@ -49,9 +57,14 @@ class Meter:
         self.start = time.perf_counter()
 
     def update(self, loss: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor) -> None:
-        self.loss = self.loss + loss.detach().float() * len(labels)
-        self.correct = self.correct + (logits.argmax(1) == labels).sum()
-        self.seen += len(labels)
+        """One classification batch: (B, classes) logits against (B,) labels."""
+        self.add(loss, (logits.argmax(1) == labels).sum(), len(labels))
+
+    def add(self, loss: torch.Tensor, correct, count: int) -> None:
+        """One batch of ``count`` items (images, tokens) of which ``correct`` were predicted right."""
+        self.loss = self.loss + loss.detach().float() * count
+        self.correct = self.correct + correct
+        self.seen += int(count)
         self.steps += 1
 
     def summary(self) -> dict:
@@ -92,14 +105,89 @@ def progress(iterable, job, desc: str, total=None):
                 leave=False, dynamic_ncols=True)
 
 
-def loss_step(net, optimizer, images, labels, job, extra_loss=None):
-    """One optimiser step on cross-entropy (+ extra_loss(logits, images)); returns (loss, logits)."""
-    images, labels = images.to(job.device, non_blocking=True), labels.to(job.device, non_blocking=True)
+def to_device(x, device: str):
+    """Tensors, or dicts / tuples / lists of them, on ``device`` (non-blocking)."""
+    if isinstance(x, torch.Tensor):
+        return x.to(device, non_blocking=True)
+    if isinstance(x, dict):
+        return {k: to_device(v, device) for k, v in x.items()}
+    if isinstance(x, (tuple, list)):
+        return type(x)(to_device(v, device) for v in x)
+    return x
+
+
+def batch_size(targets) -> int:
+    """The number of sequences of a batch (the first dimension of its targets)."""
+    first = next(iter(targets.values())) if isinstance(targets, dict) else targets
+    return len(first)
+
+
+class Classification:
+    """The default objective: ``net(inputs)`` gives (B, classes) logits; cross-entropy against the
+    (B,) labels, in float32 whatever the autocast; the tally counts correct top-1 predictions."""
+
+    def predict(self, net, inputs, features: bool = False):
+        """Predictions, or (predictions, {name: features}) with ``features``."""
+        return net(inputs, return_features=True) if features else net(inputs)
+
+    def loss(self, predictions: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(predictions.float(), targets)
+
+    def tally(self, predictions: torch.Tensor, targets: torch.Tensor):
+        """(correct, count) of one batch, for the progress bar and the epoch's accuracy."""
+        return (predictions.argmax(-1) == targets).sum(), len(targets)
+
+
+CLASSIFICATION = Classification()
+
+
+@dataclass
+class Regularizer:
+    """A term added to a step's loss: ``term(step)``. ``features``: it reads the prompted model's
+    features (step.features); ``frozen``: it reads the frozen model's outputs (step.frozen())."""
+
+    name: str
+    term: Callable
+    features: bool = False
+    frozen: bool = False
+
+
+class Step:
+    """What a regulariser sees of one step: the batch (on the device), the prompted model's
+    predictions and (when asked) features, and the frozen model's outputs on the same inputs,
+    computed on first use only and without gradients."""
+
+    def __init__(self, inputs, targets, predictions, features=None, frozen: Callable | None = None):
+        self.inputs, self.targets, self.predictions, self.features = inputs, targets, predictions, features
+        self._frozen_model, self._frozen = frozen, None
+
+    def frozen(self):
+        if self._frozen_model is None:
+            raise ValueError("a regulariser asked for the frozen model's outputs, but the Training has no frozen=")
+        if self._frozen is None:
+            with torch.no_grad():
+                self._frozen = self._frozen_model(self.inputs)
+        return self._frozen
+
+
+def step_loss(net, inputs, targets, objective=CLASSIFICATION, regularizers=(), frozen=None):
+    """(loss, predictions) of one batch: the objective's loss plus every regulariser's term."""
+    wants_features = any(r.features for r in regularizers)
+    predicted = objective.predict(net, inputs, features=wants_features)
+    predictions, features = predicted if wants_features else (predicted, None)
+    loss = objective.loss(predictions, targets)
+    if regularizers:
+        step = Step(inputs, targets, predictions, features, frozen)
+        for regularizer in regularizers:
+            loss = loss + regularizer.term(step)
+    return loss, predictions
+
+
+def loss_step(net, optimizer, inputs, targets, job, objective=CLASSIFICATION, regularizers=(), frozen=None):
+    """One optimiser step on the objective's loss plus the regularisers; returns (loss, predictions)."""
+    inputs, targets = to_device(inputs, job.device), to_device(targets, job.device)
     with nvtx_range("fastdpl/pipeline/forward"), autocast(job.device, job.cfg.precision):
-        logits = net(images)
-        loss = F.cross_entropy(logits.float(), labels)
-        if extra_loss is not None:
-            loss = loss + extra_loss(logits.float(), images)
+        loss, predictions = step_loss(net, inputs, targets, objective, regularizers, frozen)
     with nvtx_range("fastdpl/pipeline/backward"):
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -108,11 +196,12 @@ def loss_step(net, optimizer, images, labels, job, extra_loss=None):
             params = [p for group in optimizer.param_groups for p in group["params"]]
             torch.nn.utils.clip_grad_norm_(params, job.cfg.grad_clip)
         optimizer.step()
-    return loss.detach(), logits.detach()
+    return loss.detach(), predictions.detach()
 
 
-def arch_step(net, optimizer, images, labels, job) -> None:
-    """One optimiser step on alpha alone: gradients of alpha only, averaged over ranks by hand.
+def arch_step(net, optimizer, inputs, targets, job, objective=CLASSIFICATION) -> None:
+    """One optimiser step on alpha alone (the objective's loss, no regulariser): gradients of
+    alpha only, averaged over ranks by hand.
 
     ``loss.backward()`` would also compute every prompt gradient (and DDP would
     all-reduce them) only for the prompt step to discard them. ``autograd.grad``
@@ -121,11 +210,11 @@ def arch_step(net, optimizer, images, labels, job) -> None:
     averaged over ranks here, as DDP would have averaged them.
     """
     params = [p for group in optimizer.param_groups for p in group["params"]]
-    images, labels = images.to(job.device, non_blocking=True), labels.to(job.device, non_blocking=True)
+    inputs, targets = to_device(inputs, job.device), to_device(targets, job.device)
     no_sync = net.no_sync() if isinstance(net, torch.nn.parallel.DistributedDataParallel) else contextlib.nullcontext()
     with no_sync:
         with nvtx_range("fastdpl/pipeline/forward"), autocast(job.device, job.cfg.precision):
-            loss = F.cross_entropy(net(images).float(), labels)
+            loss = objective.loss(objective.predict(net, inputs), targets)
         with nvtx_range("fastdpl/pipeline/backward"):
             grads = torch.autograd.grad(loss, params, allow_unused=True, materialize_grads=True)
     if job.ranks.enabled:
@@ -144,16 +233,21 @@ def arch_step(net, optimizer, images, labels, job) -> None:
 @dataclass
 class Training:
     """What one stage trains. ``module``: the method's module (its prompt_state_dict is what a
-    checkpoint keeps); ``net``: what is called on images (DDP or the class-sharded classifier
+    checkpoint keeps); ``net``: what is called on the inputs (DDP or the class-sharded classifier
     around it); ``optimizers``: "prompt" steps on training batches, "arch" (DPL's search) on
-    validation batches; ``scheduler``: the schedule of the prompt optimiser."""
+    validation batches; ``scheduler``: the schedule of the prompt optimiser. A ``loader`` other
+    than the default needs a ``batch_sampler`` with ``set_epoch`` (reshuffled per epoch, as the
+    default's), so that a resumed run sees the batches an unbroken one would."""
 
     module: nn.Module
     net: nn.Module
     optimizers: dict
     scheduler: object
     epochs: int
-    extra_loss: Callable | None = None  # (logits, images) -> an added loss term (distillation)
+    regularizers: tuple = ()  # Regularizer terms added to the prompt steps' loss (distillation, ...)
+    frozen: Callable | None = None  # inputs -> the frozen model's outputs, for regularizers that ask
+    objective: object = CLASSIFICATION  # batch -> predictions, loss, tally
+    loader: object = None  # the training batches; default: the job's few-shot images (train_loader)
     validation: Callable | None = None  # epoch -> iterator of validation batches for the arch steps
     record: Callable | None = None  # () -> extra per-epoch history entries (e.g. alpha)
     after_epoch: Callable | None = None  # history -> None (e.g. write alpha_history.json)
@@ -164,7 +258,8 @@ def fit(job, out: Path, stage: str, training: Training) -> list:
     returns the per-epoch history."""
     cfg = job.cfg
     start, history = _start_epoch(job, out, training)
-    train = train_loader(job, job.splits.train, cfg.seed)
+    train = training.loader if training.loader is not None else train_loader(job, job.splits.train, cfg.seed)
+    objective = training.objective
     if job.ranks.main and start == 0:  # a resumed run keeps the record of what made its checkpoint
         save_yaml(cfg, out / "run.yaml")
     log = RunLog(out, stage, job.ranks.main, start)
@@ -174,14 +269,15 @@ def fit(job, out: Path, stage: str, training: Training) -> list:
         validation = training.validation(epoch) if training.validation else None
         meter = Meter()
         bar = progress(train, job, f"{stage} {epoch + 1}/{training.epochs}")
-        for images, labels in bar:
+        for inputs, targets in bar:
             if validation is not None:
                 with nvtx_range("fastdpl/pipeline/data"):
-                    val_images, val_labels = next(validation)
-                arch_step(training.net, training.optimizers["arch"], val_images, val_labels, job)  # alpha
-            loss, logits = loss_step(training.net, training.optimizers["prompt"], images, labels, job,
-                                     training.extra_loss)
-            meter.update(loss, logits, labels.to(job.device))
+                    val_inputs, val_targets = next(validation)
+                arch_step(training.net, training.optimizers["arch"], val_inputs, val_targets, job,
+                          objective=objective)  # alpha
+            loss, predictions = loss_step(training.net, training.optimizers["prompt"], inputs, targets, job,
+                                          objective, training.regularizers, training.frozen)
+            meter.add(loss, *objective.tally(predictions, to_device(targets, job.device)))
             meter.show(bar, job.ranks)
         lr = training.scheduler.get_last_lr()[0]  # the prompts' lr during this epoch
         training.scheduler.step()
