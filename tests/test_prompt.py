@@ -417,3 +417,24 @@ def test_unsupported_towers_are_refused():
         text_cfg=CLIPTextCfg(context_length=77, vocab_size=49408, width=48, heads=3, layers=2, block_type="custom"))
     with pytest.raises(UnsupportedModelError, match="custom attention blocks are not supported"):
         FastDPLPrompt(custom, CLASSNAMES)
+
+
+def test_prompt_files_saved_before_the_core_still_load_and_give_their_logits():
+    """tests/data/prompts-v1-tiny.pt: search and fixed states saved by fastdpl before the core
+    (commit 23c52b7), with the logits that code computed on the saved images."""
+    from pathlib import Path
+
+    from fastdpl import load_clip
+
+    saved = torch.load(Path(__file__).parent / "data" / "prompts-v1-tiny.pt", weights_only=False)
+    model = load_clip("tiny")
+    search = FastDPLPrompt(model, saved["classnames"], candidate_lengths=saved["search"]["candidate_lengths"],
+                           impl="eager", generator=torch.Generator().manual_seed(0))
+    search.load_prompt_state_dict(saved["search"])
+    fixed = FastDPLPrompt(model, saved["classnames"], mode="fixed",
+                          config=PromptConfig.from_dict(saved["fixed"]["config"]), impl="eager")
+    fixed.load_prompt_state_dict(saved["fixed"])
+    with torch.no_grad():
+        for module, logits in ((search, saved["search_logits"]), (fixed, saved["fixed_logits"])):
+            assert normalised_error(module(saved["images"]), logits) < 1e-6
+    assert search.prompt_state_dict().keys() == saved["search"].keys()  # the same format is written
