@@ -1,7 +1,11 @@
 """Install fastdpl: fused Differentiable Prompt Learning for CLIP models.
 
-Dependencies are given as minimum versions. The Triton kernels live in kernels/
-at the repository root and install as the subpackage fastdpl.kernels.
+Dependencies are given as minimum versions. torch and triton: the oldest the test suite has
+passed on (torch 2.14.1 with triton 3.8.0, torch 2.15.0 with triton 3.9.0); the kernels'
+compiled-code check is clean on triton 3.6, 3.8 and 3.9 (kernels/configs.py). The others are
+the oldest the code is written against; the suite ran with open_clip 3.3.0, timm 1.0.31,
+transformers 5.24 and xformers 0.0.35. The Triton kernels live in kernels/ at the repository
+root and install as the subpackage fastdpl.kernels.
 """
 from setuptools import find_packages, setup
 
@@ -16,8 +20,8 @@ setup(
     package_dir={"fastdpl.kernels": "kernels"},
     package_data={"fastdpl": ["assets/*.pt"]},  # the built-in tiny CLIP for `fastdpl demo`
     install_requires=[
-        "torch>=2.5",
-        "triton>=3.1",
+        "torch>=2.14",
+        "triton>=3.6",  # the launch table is compiled and checked for 3.6, 3.8 and 3.9 (kernels/configs.py)
         "open_clip_torch>=2.24",
         "timm>=1.0",  # open_clip's timm image towers (fastdpl.adapters.open_clip_timm); tested at 1.0.31
         "xformers>=0.0.28",

@@ -48,7 +48,7 @@ strided views of one packed projection): nothing is copied.
 import triton
 import triton.language as tl
 
-from .forward import _cast, _mma, _per_candidate, _prompt_scores, _segment_onehot
+from .forward import _cast, _head_dot, _mma, _per_candidate, _prompt_scores, _segment_onehot
 
 
 @triton.jit
@@ -58,14 +58,18 @@ def _load_rows(PTR, offs_m, offs_d, row_mask, d_mask, stride_n, stride_d):
 
 
 @triton.jit
-def _prompt_terms(q, do, PK, PV, SEG, offs_p, offs_d, offs_c, p_mask, d_mask, m,
-                  stride_pp, stride_pd, stride_pvp, stride_pvd, qk_scale, DOT_PRECISION: tl.constexpr):
+def _prompt_terms(q, do, Q, DO, offs_m, row_mask, stride_qn, stride_qd, stride_don, stride_dod,
+                  PK, PV, SEG, offs_p, offs_d, offs_c, p_mask, d_mask, m,
+                  stride_pp, stride_pd, stride_pvp, stride_pvd, D, qk_scale,
+                  BLOCK_DK: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """For one block of prompt keys: e^(t - m) (0 where p >= P), dO.pv_p and the one-hot."""
-    t = _prompt_scores(q, PK, offs_p, offs_d, p_mask, d_mask, stride_pp, stride_pd, qk_scale, DOT_PRECISION)
+    t = _prompt_scores(q, Q, offs_m, row_mask, stride_qn, stride_qd, PK, offs_p, offs_d, p_mask, d_mask,
+                       stride_pp, stride_pd, D, qk_scale, BLOCK_DK, DOT_PRECISION)
     e = tl.exp2(t - m[:, None])
     pv = tl.load(PV + offs_p[:, None] * stride_pvp + offs_d[None, :] * stride_pvd,
                  mask=p_mask[:, None] & d_mask[None, :], other=0.0)
-    do_pv = _mma(do, tl.trans(pv), DOT_PRECISION)
+    do_pv = _head_dot(do, pv, DO, offs_m, row_mask, stride_don, stride_dod, PV, offs_p, p_mask, stride_pvp,
+                      stride_pvd, D, BLOCK_DK, DOT_PRECISION)
     onehot = _segment_onehot(SEG, offs_p, p_mask, offs_c)
     return e, do_pv, onehot
 
@@ -81,7 +85,7 @@ def prompt_bwd_kernel(
     stride_pvh, stride_pvp, stride_pvd,
     B, H, N, P, C, D, SPLITS, qk_scale, sm_scale,
     BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    BLOCK_DK: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     split = tl.program_id(0)
     off_h = tl.program_id(1).to(tl.int64)
@@ -103,10 +107,9 @@ def prompt_bwd_kernel(
         off_b = (tile // blocks_per_seq).to(tl.int64)
         offs_m = (tile % blocks_per_seq) * BLOCK_M + tl.arange(0, BLOCK_M)
         row_mask = offs_m < N
-        q = _load_rows(Q + off_b * stride_qb + off_h * stride_qh, offs_m, offs_d, row_mask, d_mask,
-                       stride_qn, stride_qd)
-        do = _load_rows(DO + off_b * stride_dob + off_h * stride_doh, offs_m, offs_d, row_mask, d_mask,
-                        stride_don, stride_dod)
+        q_rows, do_rows = Q + off_b * stride_qb + off_h * stride_qh, DO + off_b * stride_dob + off_h * stride_doh
+        q = _load_rows(q_rows, offs_m, offs_d, row_mask, d_mask, stride_qn, stride_qd)
+        do = _load_rows(do_rows, offs_m, offs_d, row_mask, d_mask, stride_don, stride_dod)
         ox = _load_rows(OX + off_b * stride_ob + off_h * stride_oh, offs_m, offs_d, row_mask, d_mask,
                         stride_on, stride_od)
         stat_rows = (off_b * H + off_h) * N + offs_m
@@ -123,9 +126,10 @@ def prompt_bwd_kernel(
         for p0 in range(0, P, BLOCK_P):
             offs_p = p0 + tl.arange(0, BLOCK_P)
             p_mask = offs_p < P
-            e, do_pv, onehot = _prompt_terms(q, do, PK, PV, SEG, offs_p, offs_d, offs_c, p_mask, d_mask, m,
-                                             stride_pkp, stride_pkd, stride_pvp, stride_pvd, qk_scale,
-                                             DOT_PRECISION)
+            e, do_pv, onehot = _prompt_terms(q, do, q_rows, do_rows, offs_m, row_mask, stride_qn, stride_qd,
+                                             stride_don, stride_dod, PK, PV, SEG, offs_p, offs_d, offs_c, p_mask,
+                                             d_mask, m, stride_pkp, stride_pkd, stride_pvp, stride_pvd, D, qk_scale,
+                                             BLOCK_DK, DOT_PRECISION)
             y += _per_candidate(e * do_pv, onehot)
         d_c = tl.where(row_mask[:, None] & c_mask[None, :], (x[:, None] + y) / z, 0.0)  # D_c = dO.out_c
         delta = tl.sum(gamma * d_c, 1)
@@ -137,8 +141,9 @@ def prompt_bwd_kernel(
             tl.store(DPromptRows + rc, d_c, mask=row_mask[:, None] & c_mask[None, :])
 
         # Gradients through this program's own prompt scores and values.
-        e, do_pv, onehot = _prompt_terms(q, do, PK, PV, SEG, own_p, offs_d, offs_c, own_mask, d_mask, m,
-                                         stride_pkp, stride_pkd, stride_pvp, stride_pvd, qk_scale,
+        e, do_pv, onehot = _prompt_terms(q, do, q_rows, do_rows, offs_m, row_mask, stride_qn, stride_qd,
+                                         stride_don, stride_dod, PK, PV, SEG, own_p, offs_d, offs_c, own_mask, d_mask,
+                                         m, stride_pkp, stride_pkd, stride_pvp, stride_pvd, D, qk_scale, BLOCK_DK,
                                          DOT_PRECISION)
         weighted = e * _per_candidate(gamma, tl.trans(onehot))         # gamma_{c(p)} e^(t - m)
         dt = weighted * (do_pv - _per_candidate(d_c, tl.trans(onehot)))  # dL/dt_ip
@@ -220,7 +225,7 @@ def q_bwd_kernel(
     stride_pvh, stride_pvp, stride_pvd,
     H, N, P, C, D, qk_scale, sm_scale,
     CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr,
-    BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DK: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     start_m = tl.program_id(0)
     off_bh = tl.program_id(1)
@@ -230,9 +235,10 @@ def q_bwd_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     row_mask = offs_m < N
     d_mask = offs_d < D
-    q = _load_rows(Q + off_b * stride_qb + off_h * stride_qh, offs_m, offs_d, row_mask, d_mask, stride_qn, stride_qd)
-    do = _load_rows(DO + off_b * stride_dob + off_h * stride_doh, offs_m, offs_d, row_mask, d_mask,
-                    stride_don, stride_dod)
+    Q += off_b * stride_qb + off_h * stride_qh
+    DO += off_b * stride_dob + off_h * stride_doh
+    q = _load_rows(Q, offs_m, offs_d, row_mask, d_mask, stride_qn, stride_qd)
+    do = _load_rows(DO, offs_m, offs_d, row_mask, d_mask, stride_don, stride_dod)
     stat_rows = off_bh.to(tl.int64) * N + offs_m
     m = tl.load(RowMax + stat_rows, mask=row_mask, other=0.0)
     delta = tl.load(Delta + stat_rows, mask=row_mask, other=0.0)
@@ -250,12 +256,14 @@ def q_bwd_kernel(
         n_mask = offs_n < N
         k = _load_rows(K, offs_n, offs_d, n_mask, d_mask, stride_kn, stride_kd)
         v = _load_rows(V, offs_n, offs_d, n_mask, d_mask, stride_vn, stride_vd)
-        s = _mma(q, tl.trans(k), DOT_PRECISION) * qk_scale
+        s = _head_dot(q, k, Q, offs_m, row_mask, stride_qn, stride_qd, K, offs_n, n_mask, stride_kn, stride_kd, D,
+                      BLOCK_DK, DOT_PRECISION) * qk_scale
         visible = n_mask[None, :]
         if CAUSAL:
             visible = visible & (offs_n[None, :] <= offs_m[:, None])
         probs = tl.where(visible, tl.exp2(s - m[:, None]), 0.0)
-        do_v = _mma(do, tl.trans(v), DOT_PRECISION)
+        do_v = _head_dot(do, v, DO, offs_m, row_mask, stride_don, stride_dod, V, offs_n, n_mask, stride_vn,
+                         stride_vd, D, BLOCK_DK, DOT_PRECISION)
         x += tl.sum(probs * do_v, 1)
         ds = probs * (beta[:, None] * do_v - delta[:, None])
         dq += _mma(_cast(ds, k.dtype, DOT_PRECISION), k, DOT_PRECISION)
@@ -273,8 +281,9 @@ def q_bwd_kernel(
     for p0 in range(0, P, BLOCK_P):
         offs_p = p0 + tl.arange(0, BLOCK_P)
         p_mask = offs_p < P
-        e, do_pv, onehot = _prompt_terms(q, do, PK, PV, SEG, offs_p, offs_d, offs_c, p_mask, d_mask, m,
-                                         stride_pkp, stride_pkd, stride_pvp, stride_pvd, qk_scale, DOT_PRECISION)
+        e, do_pv, onehot = _prompt_terms(q, do, Q, DO, offs_m, row_mask, stride_qn, stride_qd, stride_don, stride_dod,
+                                         PK, PV, SEG, offs_p, offs_d, offs_c, p_mask, d_mask, m, stride_pkp,
+                                         stride_pkd, stride_pvp, stride_pvd, D, qk_scale, BLOCK_DK, DOT_PRECISION)
         dt = e * _per_candidate(gamma, tl.trans(onehot)) * (do_pv - _per_candidate(d_prompt, tl.trans(onehot)))
         pk = tl.load(PK + offs_p[:, None] * stride_pkp + offs_d[None, :] * stride_pkd,
                      mask=p_mask[:, None] & d_mask[None, :], other=0.0)

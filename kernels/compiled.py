@@ -4,13 +4,15 @@
 arguments, constexprs, warps, stages); here each is specialised exactly as
 Triton's JIT would specialise it at launch (its own binder, on CPU tensors of
 the right shapes, dtypes and strides) and compiled with ``triton.compile`` for a
-fixed ``GPUTarget`` (sm_90, sm_80; ptxas ships inside the triton wheel). Each
+fixed ``GPUTarget`` (sm_80, sm_90, sm_100; ptxas, and for Blackwell ptxas-blackwell, ship
+inside the triton wheel, so register allocation is that of the installed Triton). Each
 result reports:
 
 * registers per thread and spill stores/loads, from ptxas's own ``-v`` log;
 * shared memory per block, against the part's opt-in limit;
 * every dot of the kernel and where it runs: the TTGIR result encoding is
-  ``#mma`` (tensor cores: wgmma on sm_90, mma.sync otherwise) or ``#blocked``
+  ``#mma`` (tensor cores: wgmma on sm_90, mma.sync otherwise), a ``ttng.tc_gen5_mma``
+  (sm_100's tcgen05, accumulating in tensor memory), or ``#blocked``
   (CUDA-core FMA), and each dot is attributed to the helper it comes from
   (``_mma``: the QK^T, PV, dO V^T, dS K, dS^T Q family; ``_per_candidate``: the
   exact one-hot per-candidate gathers, which are meant to stay in fp32 FMA).
@@ -27,6 +29,7 @@ import inspect
 import io
 import itertools
 import json
+import multiprocessing
 import os
 import re
 import sys
@@ -41,9 +44,10 @@ from triton.backends.compiler import GPUTarget
 from . import forward, mixture_attention
 from .mixture_attention import backward_launches, forward_launches
 
-TARGETS = {"sm90": GPUTarget("cuda", 90, 32), "sm80": GPUTarget("cuda", 80, 32)}
-# Largest dynamic shared memory one block may opt in to (bytes): H100 227 KB, A100 163 KB.
-SHARED_LIMIT = {90: 232448, 80: 166912}
+TARGETS = {"sm90": GPUTarget("cuda", 90, 32), "sm80": GPUTarget("cuda", 80, 32), "sm100": GPUTarget("cuda", 100, 32)}
+ARCHES = ("sm90", "sm80", "sm100")
+# Largest dynamic shared memory one block may opt in to (bytes): H100 227 KB, A100 163 KB, B200 227 KB.
+SHARED_LIMIT = {90: 232448, 80: 166912, 100: 232448}
 # (dtype, fp32 dot precision): fp32 as users get it by default, and with TF32 allowed.
 PRECISIONS = [("float32", "tf32x3"), ("float32", "tf32"), ("float16", None), ("bfloat16", None)]
 HEAD_DIMS = (16, 64, 80, 128)
@@ -68,12 +72,12 @@ class Variant:
         return f"{self.arch} {self.dtype}{prec} D{self.head_dim} N{self.n}{' causal' if self.causal else ''}"
 
 
-def full_matrix(arches=("sm90", "sm80")) -> list[Variant]:
+def full_matrix(arches=ARCHES) -> list[Variant]:
     return [Variant(d, p, h, n, c, a) for a, (d, p), h, n, c in
             itertools.product(arches, PRECISIONS, HEAD_DIMS, SEQ_LENS, (False, True))]
 
 
-def ci_subset(arches=("sm90", "sm80")) -> list[Variant]:
+def ci_subset(arches=ARCHES) -> list[Variant]:
     """Every precision x head dim on every arch; N and causal cycle so that each tile-table
     row shows up with each precision and both masks (a covering set, not the product)."""
     out = []
@@ -105,21 +109,20 @@ def launches_for(variant: Variant, batch: int = 2, device: str = "cpu"):
     try:
         mixture_attention.set_fp32_precision("tf32x3")
         torch.backends.cuda.matmul.allow_tf32 = variant.precision == "tf32"
+        arch = TARGETS[variant.arch].arch if variant.arch in TARGETS else None
         (out, out_x, row_max, row_sum, denominators), fwd = forward_launches(
-            q, k, v, prompts[0], prompts[1], LENGTHS, weights, variant.causal)
+            q, k, v, prompts[0], prompts[1], LENGTHS, weights, variant.causal, arch=arch)
         _, bwd = backward_launches(out.transpose(1, 2).contiguous().transpose(1, 2), q, k, v, prompts[0],
                                    prompts[1], LENGTHS, weights, out_x, row_max, row_sum, denominators,
-                                   variant.causal)
+                                   variant.causal, arch=arch)
     finally:
         mixture_attention._fp32_precision, torch.backends.cuda.matmul.allow_tf32 = previous
     return fwd + bwd
 
 
-def compile_launch(launch, target: GPUTarget):
-    """triton.compile of one launch, specialised by Triton's own binder as a launch would be."""
-    # Triton's own binder and compiler entry points (3.4+); imported here so that the
-    # native path (Triton's public warmup) works on other versions too.
-    from triton.compiler import ASTSource, make_backend
+def _bind(launch, target: GPUTarget):
+    """Triton's own binder (3.4+) on a launch: what a launch would specialise the kernel to."""
+    from triton.compiler import make_backend
     from triton.runtime.jit import create_function_from_signature
 
     kernel, kwargs = launch.kernel, dict(launch.meta)
@@ -127,7 +130,23 @@ def compile_launch(launch, target: GPUTarget):
         raise RuntimeError("kernels are interpreted (TRITON_INTERPRET=1): compile in a process without it")
     backend = make_backend(target)
     binder = create_function_from_signature(kernel.signature, kernel.params, backend)
-    bound, specialization, options = binder(*launch.args, **kwargs)
+    return backend, kwargs, binder(*launch.args, **kwargs)
+
+
+def specialization_key(launch, target: GPUTarget) -> tuple:
+    """Two launches with the same key compile to the same binary: the same kernel, arch,
+    argument specialisation (dtypes, alignment, integers equal to 1 or divisible by 16) and
+    constexprs/options. Shapes that differ only in N's value, for example, share one compile."""
+    _, kwargs, (_, specialization, options) = _bind(launch, target)
+    return (launch.name, target.arch, repr(specialization), repr(sorted(kwargs.items())), repr(options))
+
+
+def compile_launch(launch, target: GPUTarget):
+    """triton.compile of one launch, specialised by Triton's own binder as a launch would be."""
+    from triton.compiler import ASTSource
+
+    backend, kwargs, (bound, specialization, options) = _bind(launch, target)
+    kernel = launch.kernel
     options, signature, constexprs, attrs = kernel._pack_args(backend, kwargs, bound, specialization, options)
     return triton.compile(ASTSource(kernel, signature, constexprs, attrs), target=target, options=options.__dict__)
 
@@ -165,13 +184,19 @@ def classify_dots(ttgir: str) -> dict:
             loc = named.group(1)
         return None
 
-    counts = {"main_tc": 0, "main_fma": 0, "gather_tc": 0, "gather_fma": 0, "other": 0}
-    for match in re.finditer(r"= (?:tt\.dot|ttng\.warp_group_dot) [^\n]*-> tensor<[^>]*?(#\w+)> loc\((#loc\d+)\)",
-                             ttgir):
-        unit = "tc" if match.group(1).startswith("#mma") else "fma"
-        line = origin(match.group(2))
+    def count(unit, loc):
+        line = origin(loc)
         family = next((name for name, site in DOT_SITES.items() if site == line), None)
         counts[f"{family}_{unit}" if family else "other"] += 1
+
+    counts = {"main_tc": 0, "main_fma": 0, "gather_tc": 0, "gather_fma": 0, "other": 0}
+    # Register-result dots: tensor cores when the result is in an #mma encoding (mma.sync, wgmma).
+    for match in re.finditer(r"= (?:tt\.dot|ttng\.warp_group_dot) [^\n]*-> tensor<[^>]*?(#\w+)> loc\((#loc\d+)\)",
+                             ttgir):
+        count("tc" if match.group(1).startswith("#mma") else "fma", match.group(2))
+    # Blackwell's tcgen05 MMA (sm_100): operands in shared/tensor memory, accumulator in tensor memory.
+    for match in re.finditer(r"^\s*(?:%\S+ = )?ttng\.tc_gen5_mma [^\n]* loc\((#loc\d+)\)$", ttgir, re.M):
+        count("tc", match.group(1))
     return counts
 
 
@@ -205,7 +230,8 @@ def inspect_launch(launch, target: GPUTarget) -> dict:
            "dot_precision": launch.meta.get("DOT_PRECISION"),
            "shared": compiled.metadata.shared, "shared_limit": SHARED_LIMIT.get(target.arch),
            "seconds": round(time.perf_counter() - started, 2),
-           "wgmma": compiled.asm["ptx"].count("wgmma.mma_async"), "mma_sync": compiled.asm["ptx"].count("mma.sync")}
+           "wgmma": compiled.asm["ptx"].count("wgmma.mma_async"), "mma_sync": compiled.asm["ptx"].count("mma.sync"),
+           "tcgen05": compiled.asm["ptx"].count("tcgen05.mma")}
     row.update(_ptxas_stats(log.getvalue()))
     row.update(classify_dots(compiled.asm["ttgir"]), atomics=count_atomics(compiled.asm["ttgir"]))
     return row
@@ -227,23 +253,44 @@ def inspect_native(launch) -> dict:
             **classify_dots(compiled.asm["ttgir"]), "atomics": count_atomics(compiled.asm["ttgir"])}
 
 
+def _inspect(launch, target: GPUTarget, native: bool) -> dict:
+    try:
+        return inspect_native(launch) if native else inspect_launch(launch, target)
+    except Exception as exc:  # reported per launch; the check fails on it
+        return {"kernel": launch.name, "arch": target.arch if target else None,
+                "error": f"{type(exc).__name__}: {exc}"[:2000]}
+
+
+def _inspect_job(job) -> dict:
+    """Worker side of inspect_all: launch ``index`` of ``variant``."""
+    variant, index = job
+    return _inspect(launches_for(variant)[index], TARGETS[variant.arch], native=False)
+
+
 def inspect_variant(variant: Variant, target: GPUTarget | None = None, native: bool = False) -> list[dict]:
     target = target or TARGETS.get(variant.arch)
-    rows = []
-    for launch in launches_for(variant, device="cuda" if native else "cpu"):
-        try:
-            row = inspect_native(launch) if native else inspect_launch(launch, target)
-        except Exception as exc:  # reported per launch; the check fails on it
-            row = {"kernel": launch.name, "arch": target.arch, "error": f"{type(exc).__name__}: {exc}"[:2000]}
-        rows.append({**asdict(variant), **row, "variant": variant.label()})
-    return rows
+    return [{**asdict(variant), **_inspect(launch, target, native), "variant": variant.label()}
+            for launch in launches_for(variant, device="cuda" if native else "cpu")]
 
 
 def inspect_all(variants, workers: int = 1, native: bool = False) -> list[dict]:
-    if workers <= 1 or native:  # one process owns the GPU
-        return [row for v in variants for row in inspect_variant(v, native=native)]
-    with ProcessPoolExecutor(workers) as pool:
-        return [row for rows in pool.map(inspect_variant, variants) for row in rows]
+    """One row per launch of every variant. Ahead of time, each distinct specialisation is
+    compiled once (``specialization_key``) and its row shared by the launches that have it."""
+    if native:  # one process owns the GPU
+        return [row for v in variants for row in inspect_variant(v, native=True)]
+    plan, jobs = [], {}
+    for variant in variants:
+        for index, launch in enumerate(launches_for(variant)):
+            key = specialization_key(launch, TARGETS[variant.arch])
+            jobs.setdefault(key, (variant, index))
+            plan.append((variant, key))
+    if workers <= 1:
+        results = dict(zip(jobs, map(_inspect_job, jobs.values())))
+    else:
+        # spawn, not fork: this process has run torch ops (its thread pools do not survive a fork)
+        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+            results = dict(zip(jobs, pool.map(_inspect_job, jobs.values(), chunksize=4)))
+    return [{**asdict(variant), **results[key], "variant": variant.label()} for variant, key in plan]
 
 
 def markdown(rows: list[dict]) -> str:
@@ -270,8 +317,8 @@ def main(argv=None):
                                                  "tensor-core dots.")
     parser.add_argument("--matrix", choices=sorted(MATRICES), default="ci",
                         help="ci: a covering subset; full: every precision x head dim x N x mask; smoke: one variant")
-    parser.add_argument("--target", default="sm90,sm80",
-                        help="comma-separated sm90, sm80; or 'native' for this machine's GPU")
+    parser.add_argument("--target", default=",".join(ARCHES),
+                        help="comma-separated sm90, sm80, sm100; or 'native' for this machine's GPU")
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="parallel compile processes")
     parser.add_argument("--json", help="write the rows as JSON here")
     parser.add_argument("--markdown", help="write a markdown table here")

@@ -77,12 +77,40 @@ def _cast(x, dtype, DOT_PRECISION: tl.constexpr):
 
 
 @triton.jit
-def _prompt_scores(q, PK, offs_p, offs_d, p_mask, d_mask, stride_pp, stride_pd, qk_scale,
-                   DOT_PRECISION: tl.constexpr):
+def _head_dot(a, b, A, offs_a, a_mask, stride_an, stride_ad, B, offs_b, b_mask, stride_bn, stride_bd, D,
+              BLOCK_DK: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """a @ b^T, the product over the head dim of rows ``offs_a`` of A and rows ``offs_b`` of B
+    (q k^T, q pk^T, dO v^T, dO pv^T): (len(offs_a), len(offs_b)) float32.
+
+    BLOCK_DK == BLOCK_D (a's width): one dot of the tiles ``a`` and ``b`` the caller loaded.
+    BLOCK_DK < BLOCK_D: both are read again in chunks of BLOCK_DK columns and the chunk products
+    summed, so that no full-width tile is ever a dot operand. A 16-row operand is held whole by
+    every warp (16 x D / 32 registers per thread, whatever the warp count), and fp32's TF32x3
+    keeps two split copies of it: at head dim 128 q and dO alone would fill the 255 registers.
+    Chunking bounds that at 16 x BLOCK_DK / 32 per copy, for a few more (cached) loads."""
+    if BLOCK_DK == a.shape[1]:
+        return _mma(a, tl.trans(b), DOT_PRECISION)
+    else:
+        acc = tl.zeros((a.shape[0], b.shape[0]), tl.float32)
+        for d0 in range(0, a.shape[1], BLOCK_DK):
+            offs_k = d0 + tl.arange(0, BLOCK_DK)
+            k_mask = offs_k < D
+            a_k = tl.load(A + offs_a[:, None] * stride_an + offs_k[None, :] * stride_ad,
+                          mask=a_mask[:, None] & k_mask[None, :], other=0.0)
+            b_k = tl.load(B + offs_b[:, None] * stride_bn + offs_k[None, :] * stride_bd,
+                          mask=b_mask[:, None] & k_mask[None, :], other=0.0)
+            acc += _mma(a_k, tl.trans(b_k), DOT_PRECISION)
+        return acc
+
+
+@triton.jit
+def _prompt_scores(q, Q, offs_m, row_mask, stride_qn, stride_qd, PK, offs_p, offs_d, p_mask, d_mask,
+                   stride_pp, stride_pd, D, qk_scale, BLOCK_DK: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """Prompt scores t * log2(e) for a block of prompt keys; -inf where p >= P."""
     pk = tl.load(PK + offs_p[:, None] * stride_pp + offs_d[None, :] * stride_pd,
                  mask=p_mask[:, None] & d_mask[None, :], other=0.0)
-    t = _mma(q, tl.trans(pk), DOT_PRECISION) * qk_scale
+    t = _head_dot(q, pk, Q, offs_m, row_mask, stride_qn, stride_qd, PK, offs_p, p_mask, stride_pp, stride_pd, D,
+                  BLOCK_DK, DOT_PRECISION) * qk_scale
     return tl.where(p_mask[None, :], t, float("-inf"))
 
 
@@ -111,9 +139,10 @@ def mixture_attention_fwd_kernel(
     stride_pvh, stride_pvp, stride_pvd,
     H, N, P, C, D, qk_scale,
     CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr,
-    BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DK: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    tl.static_assert(BLOCK_P >= 16 and BLOCK_C >= 16 and BLOCK_D >= 16, "tl.dot needs blocks >= 16")
+    tl.static_assert(BLOCK_P >= 16 and BLOCK_C >= 16 and BLOCK_DK >= 16, "tl.dot needs blocks >= 16")
+    tl.static_assert(BLOCK_D % BLOCK_DK == 0, "BLOCK_DK divides BLOCK_D")
     start_m = tl.program_id(0)
     off_bh = tl.program_id(1)
     off_b = (off_bh // H).to(tl.int64)
@@ -126,7 +155,8 @@ def mixture_attention_fwd_kernel(
     d_mask = offs_d < D
     c_mask = offs_c < C
 
-    q = tl.load(Q + off_b * stride_qb + off_h * stride_qh + offs_m[:, None] * stride_qn + offs_d[None, :] * stride_qd,
+    Q += off_b * stride_qb + off_h * stride_qh
+    q = tl.load(Q + offs_m[:, None] * stride_qn + offs_d[None, :] * stride_qd,
                 mask=row_mask[:, None] & d_mask[None, :], other=0.0)
     PK += off_h * stride_pkh
     PV += off_h * stride_pvh
@@ -137,7 +167,8 @@ def mixture_attention_fwd_kernel(
     for p0 in range(0, P, BLOCK_P):
         offs_p = p0 + tl.arange(0, BLOCK_P)
         p_mask = offs_p < P
-        t = _prompt_scores(q, PK, offs_p, offs_d, p_mask, d_mask, stride_pkp, stride_pkd, qk_scale, DOT_PRECISION)
+        t = _prompt_scores(q, Q, offs_m, row_mask, stride_qn, stride_qd, PK, offs_p, offs_d, p_mask, d_mask,
+                           stride_pkp, stride_pkd, D, qk_scale, BLOCK_DK, DOT_PRECISION)
         m_new = tl.maximum(m_p, tl.max(t, 1))
         e = tl.exp2(t - m_new[:, None])
         onehot = _segment_onehot(SEG, offs_p, p_mask, offs_c)
@@ -158,7 +189,8 @@ def mixture_attention_fwd_kernel(
         n_mask = offs_n < N
         k = tl.load(K + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd,
                     mask=n_mask[:, None] & d_mask[None, :], other=0.0)
-        s = _mma(q, tl.trans(k), DOT_PRECISION) * qk_scale
+        s = _head_dot(q, k, Q, offs_m, row_mask, stride_qn, stride_qd, K, offs_n, n_mask, stride_kn, stride_kd, D,
+                      BLOCK_DK, DOT_PRECISION) * qk_scale
         visible = n_mask[None, :]
         if CAUSAL:
             visible = visible & (offs_n[None, :] <= offs_m[:, None])
@@ -195,7 +227,8 @@ def mixture_attention_fwd_kernel(
     for p0 in range(0, P, BLOCK_P):
         offs_p = p0 + tl.arange(0, BLOCK_P)
         p_mask = offs_p < P
-        t = _prompt_scores(q, PK, offs_p, offs_d, p_mask, d_mask, stride_pkp, stride_pkd, qk_scale, DOT_PRECISION)
+        t = _prompt_scores(q, Q, offs_m, row_mask, stride_qn, stride_qd, PK, offs_p, offs_d, p_mask, d_mask,
+                           stride_pkp, stride_pkd, D, qk_scale, BLOCK_DK, DOT_PRECISION)
         onehot = _segment_onehot(SEG, offs_p, p_mask, offs_c)
         gamma_p = _per_candidate(gamma, tl.trans(onehot))      # gamma_{c(p)}
         pv = tl.load(PV + offs_p[:, None] * stride_pvp + offs_d[None, :] * stride_pvd,

@@ -105,16 +105,31 @@ def check_launchable(q: torch.Tensor) -> None:
         raise ValueError(f"q: impl='triton' supports head dims {MIN_HEAD_DIM}..{MAX_HEAD_DIM}, got {head_dim}")
 
 
-def _tiles(kernel, q, causal):
-    return configs.tiles_for(kernel, q.shape[2], q.shape[3], q.dtype == torch.float32, bool(causal))
+@lru_cache(maxsize=16)
+def _device_arch(device: torch.device) -> int | None:
+    """The compute capability as 10 * major + minor (90 for sm_90); None off CUDA (the interpreter)."""
+    if device.type != "cuda":
+        return None
+    major, minor = torch.cuda.get_device_capability(device)
+    return 10 * major + minor
+
+
+def launch_arch(q: torch.Tensor, arch: int | None) -> int | None:
+    """The arch the launches are tiled for: ``arch`` when given (ahead-of-time compiles), else q's GPU."""
+    return arch if arch is not None else _device_arch(q.device)
+
+
+def _tiles(kernel, q, causal, arch):
+    return configs.tiles_for(kernel, q.shape[2], q.shape[3], q.dtype == torch.float32, bool(causal), arch)
 
 
 def _meta(tiles: configs.Tiles, **constexprs):
-    return dict(constexprs, num_warps=tiles.num_warps, num_stages=tiles.num_stages)
+    return dict(constexprs, **tiles.launch_options())
 
 
-def forward_launches(q, k, v, prompt_k, prompt_v, candidate_lengths, weights, causal):
-    """Allocate the forward's outputs and describe its one launch."""
+def forward_launches(q, k, v, prompt_k, prompt_v, candidate_lengths, weights, causal, arch=None):
+    """Allocate the forward's outputs and describe its one launch, tiled for ``arch`` (default: q's GPU)."""
+    arch = launch_arch(q, arch)
     lengths = tuple(int(n) for n in candidate_lengths)
     batch, heads, n_queries, head_dim = q.shape
     n_prompt, n_candidates = prompt_k.shape[1], len(lengths)
@@ -124,7 +139,8 @@ def forward_launches(q, k, v, prompt_k, prompt_v, candidate_lengths, weights, ca
     row_max, row_sum = torch.empty(batch, heads, n_queries, **f32), torch.empty(batch, heads, n_queries, **f32)
     denominators = torch.empty(batch, heads, n_queries, n_candidates, **f32)
     pk, pv = _nonempty_prompts(prompt_k), _nonempty_prompts(prompt_v)
-    tiles = _tiles("forward", q, causal)
+    tiles = _tiles("forward", q, causal, arch)
+    block_d = configs.pow2_at_least(head_dim)
     launch = Launch(
         "forward", mixture_attention_fwd_kernel, (triton.cdiv(n_queries, tiles.block_m), batch * heads),
         (q, k, v, pk, pv, _segment_ids(lengths, q.device), weights.to(torch.float32).contiguous(),
@@ -133,14 +149,15 @@ def forward_launches(q, k, v, prompt_k, prompt_v, candidate_lengths, weights, ca
          heads, n_queries, n_prompt, n_candidates, head_dim, head_dim ** -0.5 * LOG2E),
         _meta(tiles, CAUSAL=bool(causal), BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n,
               BLOCK_P=min(64, configs.pow2_at_least(n_prompt)), BLOCK_C=configs.pow2_at_least(n_candidates),
-              BLOCK_D=configs.pow2_at_least(head_dim), DOT_PRECISION=dot_precision(q.dtype)),
+              BLOCK_D=block_d, BLOCK_DK=tiles.block_dk(block_d), DOT_PRECISION=dot_precision(q.dtype)),
     )
     return (out, out_x, row_max, row_sum, denominators), [launch]
 
 
 def backward_launches(grad_out, q, k, v, prompt_k, prompt_v, candidate_lengths, weights,
-                      out_x, row_max, row_sum, denominators, causal):
-    """Allocate the backward's buffers and describe its three launches (in order)."""
+                      out_x, row_max, row_sum, denominators, causal, arch=None):
+    """Allocate the backward's buffers and describe its three launches (in order), tiled for ``arch``."""
+    arch = launch_arch(q, arch)
     lengths = tuple(int(n) for n in candidate_lengths)
     batch, heads, n_queries, head_dim = q.shape
     n_prompt, n_candidates = prompt_k.shape[1], len(lengths)
@@ -167,13 +184,13 @@ def backward_launches(grad_out, q, k, v, prompt_k, prompt_v, candidate_lengths, 
          row_max, row_sum, denominators, delta, beta, y_rows, d_prompt_rows, dpk_part, dpv_part,
          *q.stride(), *out_x.stride(), *grad_out.stride(), *pk.stride(), *pv.stride(),
          batch, heads, n_queries, n_prompt, n_candidates, head_dim, tiling.splits, sm_scale * LOG2E, sm_scale),
-        dict(BLOCK_M=tiling.block_m, BLOCK_P=tiling.block_p, BLOCK_C=block_c, BLOCK_D=block_d,
-             DOT_PRECISION=precision, num_warps=tiling.num_warps, num_stages=1),
+        _meta(tiling.launch(), BLOCK_M=tiling.block_m, BLOCK_P=tiling.block_p, BLOCK_C=block_c, BLOCK_D=block_d,
+              BLOCK_DK=tiling.launch().block_dk(block_d), DOT_PRECISION=precision),
     )
 
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     strides = (*q.stride(), *k.stride(), *v.stride(), *grad_out.stride())
-    kv = _tiles("kv", q, causal)
+    kv = _tiles("kv", q, causal, arch)
     kv_launch = Launch(
         "kv_bwd", kv_bwd_kernel, (triton.cdiv(n_queries, kv.block_n), batch * heads),
         (q, k, v, grad_out, dk, dv, row_max, delta, beta, *strides, *dk.stride(), *dv.stride(),
@@ -181,14 +198,14 @@ def backward_launches(grad_out, q, k, v, prompt_k, prompt_v, candidate_lengths, 
         _meta(kv, CAUSAL=bool(causal), BLOCK_M=kv.block_m, BLOCK_N=kv.block_n, BLOCK_D=block_d,
               DOT_PRECISION=precision),
     )
-    qt = _tiles("q", q, causal)
+    qt = _tiles("q", q, causal, arch)
     q_launch = Launch(
         "q_bwd", q_bwd_kernel, (triton.cdiv(n_queries, qt.block_m), batch * heads),
         (q, k, v, grad_out, dq, row_max, delta, beta, pk, pv, segment_ids, weights32, denominators, y_rows,
          d_prompt_rows, d_rows, *strides, *dq.stride(), *pk.stride(), *pv.stride(),
          heads, n_queries, n_prompt, n_candidates, head_dim, sm_scale * LOG2E, sm_scale),
         _meta(qt, CAUSAL=bool(causal), BLOCK_M=qt.block_m, BLOCK_N=qt.block_n, BLOCK_P=tiling.block_p,
-              BLOCK_C=block_c, BLOCK_D=block_d, DOT_PRECISION=precision),
+              BLOCK_C=block_c, BLOCK_D=block_d, BLOCK_DK=qt.block_dk(block_d), DOT_PRECISION=precision),
     )
 
     def finish():

@@ -2,6 +2,7 @@
 import json
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -9,7 +10,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_gpu_check_smoke_writes_every_output(tmp_path):
     out = tmp_path / "gpu-check"
-    env = {k: v for k, v in os.environ.items() if k != "FASTDPL_TILES"}
+    # The script's python is this very interpreter (its venv need not be first on PATH).
+    env = {**{k: v for k, v in os.environ.items() if k != "FASTDPL_TILES"}, "PYTHON": sys.executable}
     done = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_check.sh"), "--smoke", str(out)],
                           capture_output=True, text=True, env=env, timeout=1200, cwd=tmp_path)
     log = (out / "steps.log").read_text() if (out / "steps.log").exists() else ""
