@@ -20,9 +20,13 @@ FULL, IRREGULAR = (0, 1, 2, 3, 4, 5, 6), (0, 3, 0, 9)
 
 
 def _covering_cases():
-    """Every N x causal x lengths combination; D, H and B cycle so each value shows up with each N."""
+    """Every N x causal x lengths combination; D, H and B cycle so each value shows up with each N.
+    N = 197 (the image tower, never causal) runs without the mask: causal masking over many
+    tiles with a ragged last one is covered at N = 77 here and N = 257 in EDGE_CASES."""
     cases = []
     for i, (n, causal, lengths) in enumerate(itertools.product((1, 17, 77, 197), (False, True), (FULL, IRREGULAR))):
+        if n == 197 and causal:
+            continue
         cases.append(Case(batch=(1, 2)[i % 2], heads=(1, 3)[(i // 2) % 2], n=n,
                           head_dim=(32, 64)[(i // 4) % 2], lengths=lengths, causal=causal))
     return cases
