@@ -68,8 +68,9 @@ class Tiles:
     max_registers: int = REGISTER_CEILING
 
     def __str__(self):
-        return (f"{self.block_m}x{self.block_n}w{self.num_warps}s{self.num_stages}"
-                + (f"k{self.head_chunk}" if self.head_chunk else "") + (f"r{self.max_registers}" if self.max_registers != REGISTER_CEILING else ""))
+        chunk = f"k{self.head_chunk}" if self.head_chunk else ""
+        ceiling = f"r{self.max_registers}" if self.max_registers != REGISTER_CEILING else ""
+        return f"{self.block_m}x{self.block_n}w{self.num_warps}s{self.num_stages}{chunk}{ceiling}"
 
     def block_dk(self, block_d: int) -> int:
         return min(self.head_chunk, block_d) if self.head_chunk else block_d
