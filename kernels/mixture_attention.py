@@ -167,6 +167,7 @@ def backward_launches(grad_out, q, k, v, prompt_k, prompt_v, candidate_lengths, 
     sm_scale = head_dim ** -0.5
     tiling = configs.prompt_tiling(batch, n_queries, head_dim, n_prompt,
                                    precision if q.dtype == torch.float32 else None)
+    prompt_tiles = tiling.launch()
 
     delta = torch.empty(batch, heads, n_queries, **f32)
     beta = torch.empty(batch, heads, n_queries, **f32)
@@ -184,8 +185,8 @@ def backward_launches(grad_out, q, k, v, prompt_k, prompt_v, candidate_lengths, 
          row_max, row_sum, denominators, delta, beta, y_rows, d_prompt_rows, dpk_part, dpv_part,
          *q.stride(), *out_x.stride(), *grad_out.stride(), *pk.stride(), *pv.stride(),
          batch, heads, n_queries, n_prompt, n_candidates, head_dim, tiling.splits, sm_scale * LOG2E, sm_scale),
-        _meta(tiling.launch(), BLOCK_M=tiling.block_m, BLOCK_P=tiling.block_p, BLOCK_C=block_c, BLOCK_D=block_d,
-              BLOCK_DK=tiling.launch().block_dk(block_d), DOT_PRECISION=precision),
+        _meta(prompt_tiles, BLOCK_M=tiling.block_m, BLOCK_P=tiling.block_p, BLOCK_C=block_c, BLOCK_D=block_d,
+              BLOCK_DK=prompt_tiles.block_dk(block_d), DOT_PRECISION=precision),
     )
 
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
