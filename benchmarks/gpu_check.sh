@@ -84,7 +84,9 @@ fi
 
 # 4. the suites (smoke: tiny shapes on the CPU)
 if [ $smoke -eq 0 ]; then
-  step op 150 $PY -m fastdpl.cli bench op --device cuda --dtype bfloat16 --out "$out/$prefix-op.json"
+  # 240 s: the two language-model shapes (B=4, H=32, N=512/2048) add JIT and FlexAttention compiles
+  # for new specialisations (~1 min, estimated) and ~10 s of literal reference loops at N=2048.
+  step op 240 $PY -m fastdpl.cli bench op --device cuda --dtype bfloat16 --out "$out/$prefix-op.json"
   step block 60 $PY -m fastdpl.cli bench block --device cuda --dtype bfloat16 --out "$out/$prefix-block.json"
   step step 160 $PY -m fastdpl.cli bench step --device cuda --dtype bfloat16 --repeats 5 \
     --shapes b4-100cls,b4-1000cls,hf-clip-b32-100cls,hf-siglip-b32-100cls,siglip-b32-100cls --out "$out/$prefix-step.json"

@@ -18,7 +18,7 @@ DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 DTYPE = torch.bfloat16 if DEVICE.type == "cuda" else torch.float32
 SHAPES = op.SMOKE_SHAPES if SMOKE else (op.GPU_SHAPES if DEVICE.type == "cuda" else op.CPU_SHAPES)
 PROVIDERS = ["reference", "eager", "triton", "lse_merge_math", "lse_merge_xformers", "lse_merge_flex",
-             "sdpa_n+max", "sdpa_n+sum"]
+             "sdpa_n+max", "sdpa_n+sum", "sdpa_n+max_gqa"]  # the last: grouped-query shapes only
 
 
 @pytest.mark.parametrize("mode", ["fwd", "fwd+bwd"])
@@ -40,6 +40,6 @@ def test_op(benchmark, shape, provider, mode):
         return result
 
     benchmark.extra_info.update(environment(DEVICE))
-    benchmark.extra_info.update(shape=shape.name, dtype=str(DTYPE), mode=mode,
+    benchmark.extra_info.update(shape=shape.name, kv_heads=shape.kv_heads, dtype=str(DTYPE), mode=mode,
                                 flops=shape.forward_flops() * (3.5 if backward else 1.0))
     benchmark(call)

@@ -56,6 +56,13 @@ HEAD_DIMS = (16, 64, 80, 128)
 SEQ_LENS = (12, 20, 50, 77, 197)
 HEADS = {16: 4, 64: 12, 80: 8, 128: 8}
 LENGTHS = (0, 1, 2, 3, 4, 5, 6)
+# Language-model rows: a Llama-like layer (32 query heads over 8 key/value heads), causal over a
+# padded batch (a key mask), the LM candidate lengths, prefill/training lengths, bf16 and fp32.
+LM_HEADS, LM_KV_HEADS = 32, 8
+LM_LENGTHS = (0, 4, 8, 16, 32, 64)
+LM_SEQ_LENS = (512, 2048)
+LM_HEAD_DIMS = (64, 128)
+LM_PRECISIONS = [("float32", "tf32x3"), ("bfloat16", None)]
 
 
 @dataclass(frozen=True)
@@ -66,25 +73,34 @@ class Variant:
     n: int
     causal: bool
     arch: str
+    family: str = "clip"  # "lm": grouped-query heads, a key mask and the LM candidate lengths
 
     def label(self):
         prec = f"/{self.precision}" if self.precision else ""
-        return f"{self.arch} {self.dtype}{prec} D{self.head_dim} N{self.n}{' causal' if self.causal else ''}"
+        lm = f" lm GQA{LM_HEADS}/{LM_KV_HEADS} masked" if self.family == "lm" else ""
+        return f"{self.arch} {self.dtype}{prec} D{self.head_dim} N{self.n}{' causal' if self.causal else ''}{lm}"
+
+
+def lm_rows(arches=ARCHES) -> list[Variant]:
+    """Every LM row (N x head dim x precision, causal and masked) on every arch."""
+    return [Variant(d, p, h, n, True, a, "lm") for a, (d, p), h, n in
+            itertools.product(arches, LM_PRECISIONS, LM_HEAD_DIMS, LM_SEQ_LENS)]
 
 
 def full_matrix(arches=ARCHES) -> list[Variant]:
     return [Variant(d, p, h, n, c, a) for a, (d, p), h, n, c in
-            itertools.product(arches, PRECISIONS, HEAD_DIMS, SEQ_LENS, (False, True))]
+            itertools.product(arches, PRECISIONS, HEAD_DIMS, SEQ_LENS, (False, True))] + lm_rows(arches)
 
 
 def ci_subset(arches=ARCHES) -> list[Variant]:
     """Every precision x head dim on every arch; N and causal cycle so that each tile-table
-    row shows up with each precision and both masks (a covering set, not the product)."""
+    row shows up with each precision and both masks (a covering set, not the product); and
+    every LM row (its two N share one specialisation, so they cost one compile)."""
     out = []
     for a in arches:
         for i, ((d, p), h) in enumerate(itertools.product(PRECISIONS, HEAD_DIMS)):
             out.append(Variant(d, p, h, SEQ_LENS[i % len(SEQ_LENS)], bool((i // len(SEQ_LENS)) % 2), a))
-    return out
+    return out + lm_rows(arches)
 
 
 def smoke_matrix(arches=("sm90",)) -> list[Variant]:
@@ -99,22 +115,29 @@ def launches_for(variant: Variant, batch: int = 2, device: str = "cpu"):
     """The forward and backward launches the launcher makes for this shape (CPU tensors
     for ahead-of-time compilation; CUDA tensors for the native check on a GPU)."""
     dtype = getattr(torch, variant.dtype)
-    heads, n, d = HEADS[variant.head_dim], variant.n, variant.head_dim
-    # q, k, v as strided views of one packed projection, the layout the towers produce.
-    packed = torch.empty(batch, n, 3, heads, d, dtype=dtype, device=device)
-    q, k, v = packed.permute(2, 0, 3, 1, 4).unbind(0)
-    prompts = torch.empty(2, heads, sum(LENGTHS), d, dtype=dtype, device=device)
-    weights = torch.full((len(LENGTHS),), 1 / len(LENGTHS), device=device)
+    n, d = variant.n, variant.head_dim
+    key_mask, lengths = None, LENGTHS
+    if variant.family == "lm":
+        # q, k, v as transformers hands them over: (B, L, H, D) projections transposed to (B, H, L, D).
+        q = torch.empty(batch, n, LM_HEADS, d, dtype=dtype, device=device).transpose(1, 2)
+        k, v = torch.empty(2, batch, n, LM_KV_HEADS, d, dtype=dtype, device=device).transpose(2, 3).unbind(0)
+        key_mask, lengths = torch.ones(batch, n, dtype=torch.bool, device=device), LM_LENGTHS
+    else:
+        # q, k, v as strided views of one packed projection, the layout the towers produce.
+        packed = torch.empty(batch, n, 3, HEADS[d], d, dtype=dtype, device=device)
+        q, k, v = packed.permute(2, 0, 3, 1, 4).unbind(0)
+    prompts = torch.empty(2, k.shape[1], sum(lengths), d, dtype=dtype, device=device)
+    weights = torch.full((len(lengths),), 1 / len(lengths), device=device)
     previous = mixture_attention._fp32_precision, torch.backends.cuda.matmul.allow_tf32
     try:
         mixture_attention.set_fp32_precision("tf32x3")
         torch.backends.cuda.matmul.allow_tf32 = variant.precision == "tf32"
         arch = TARGETS[variant.arch].arch if variant.arch in TARGETS else None
         (out, out_x, row_max, row_sum, denominators), fwd = forward_launches(
-            q, k, v, prompts[0], prompts[1], LENGTHS, weights, variant.causal, arch=arch)
+            q, k, v, prompts[0], prompts[1], lengths, weights, variant.causal, key_mask=key_mask, arch=arch)
         _, bwd = backward_launches(out.transpose(1, 2).contiguous().transpose(1, 2), q, k, v, prompts[0],
-                                   prompts[1], LENGTHS, weights, out_x, row_max, row_sum, denominators,
-                                   variant.causal, arch=arch)
+                                   prompts[1], lengths, weights, out_x, row_max, row_sum, denominators,
+                                   variant.causal, key_mask=key_mask, arch=arch)
     finally:
         mixture_attention._fp32_precision, torch.backends.cuda.matmul.allow_tf32 = previous
     return fwd + bwd

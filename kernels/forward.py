@@ -11,13 +11,17 @@ prompt_k / prompt_v):
     Z_ic = l_i + sum_{p in c} e^(t_ip - m_i)
     gamma_ic = w_c / Z_ic,  beta_i = sum_c gamma_ic
 
-One program owns BLOCK_M query rows of one (batch, head): grid
-``(cdiv(N, BLOCK_M), B * H)``. It makes three passes:
+One program owns BLOCK_M query rows of one (batch, query head): grid
+``(cdiv(N, BLOCK_M), B * H)``; query head h reads key/value head and prompts
+h // GROUP (grouped-query attention, GROUP = H / H_kv; nothing is expanded). The
+N queries are the last N of the N_K key positions (KEY_OFFSET = N_K - N: decoding
+after a cache), so causal query i sees keys j <= i + KEY_OFFSET; with HAS_KEY_MASK
+a (B, N_K) byte mask hides padding keys. It makes three passes:
 
 1. the prompt keys (scores only): running max ``m_p`` and the per-candidate
    prompt sums, gathered per candidate with a one-hot (BLOCK_P, BLOCK_C) matmul;
 2. the original keys, FlashAttention-2 style: running max ``m_x``, ``sum_j e^s``
-   and ``sum_j e^s v_j`` (causal blocks past the diagonal are skipped);
+   and ``sum_j e^s v_j`` (causal blocks past the shifted diagonal are skipped);
 3. the prompt keys again, now that Z and therefore gamma are known, adding
    ``gamma_{c(p)} e^(t - m) pv_p``.
 
@@ -27,6 +31,12 @@ l and the C denominators Z. The backward needs ``X = sum_j e^(s_ij - m) dO.v_j
 = l_i dO.O_x``: reading it from O_x keeps its relative error at the rounding of
 one stored value, where recovering it from O as ``(dO.O - prompt part) / beta``
 would divide that rounding by beta (small wherever the prompts dominate a row).
+
+A row that sees no original key (padding, or a causal row before every real key)
+has m_x = -inf and l = 0: the running max is replaced by 0 wherever it is -inf,
+so every exponential is 0, never NaN; O_x is 0, and a candidate with Z_c = 0 (no
+prompts either) gets gamma_c = 0 and contributes zeros (the op's definition). The
+stored m is that safe max.
 
 P (the total prompt rows, 21 for lengths 0..6) is small next to N, so passes 1
 and 3 cost about one extra key block each. Exponentials use exp2 with log2(e)
@@ -129,6 +139,33 @@ def _per_candidate(x, onehot):
 
 
 @triton.jit
+def _finite_or_zero(m):
+    """A running maximum with -inf (nothing seen yet) replaced by 0: e^(x - m) is then 0 for x = -inf."""
+    return tl.where(m == float("-inf"), 0.0, m)
+
+
+@triton.jit
+def _gamma(w, z, c_mask):
+    """gamma_c = w_c / Z_c; 0 where Z_c = 0 (candidate c sees no key in the row) or c >= C."""
+    seen = c_mask[None, :] & (z > 0)
+    return tl.where(seen, w[None, :] / tl.where(seen, z, 1.0), 0.0)
+
+
+@triton.jit
+def _visible(offs_m, offs_n, n_mask, KeyMask, stride_kmn, KEY_OFFSET, CAUSAL: tl.constexpr,
+             HAS_KEY_MASK: tl.constexpr):
+    """(M, N) or (1, N) bool: which of keys ``offs_n`` the query rows ``offs_m`` see. Causal:
+    row i sits at key position i + KEY_OFFSET; KeyMask: the sequence's (N_K,) byte mask, 0 = padding."""
+    visible = n_mask[None, :]
+    if CAUSAL:
+        visible = visible & (offs_n[None, :] <= offs_m[:, None] + KEY_OFFSET)
+    if HAS_KEY_MASK:
+        real = tl.load(KeyMask + offs_n * stride_kmn, mask=n_mask, other=0)
+        visible = visible & (real != 0)[None, :]
+    return visible
+
+
+@triton.jit
 def mixture_attention_fwd_kernel(
     Q, K, V, PK, PV, SEG, W, Out, OutX, RowMax, RowSum, Denom,
     stride_qb, stride_qh, stride_qn, stride_qd,
@@ -137,9 +174,11 @@ def mixture_attention_fwd_kernel(
     stride_ob, stride_oh, stride_on, stride_od,
     stride_pkh, stride_pkp, stride_pkd,
     stride_pvh, stride_pvp, stride_pvd,
-    H, N, P, C, D, qk_scale,
-    CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr,
-    BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DK: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    KeyMask, stride_kmb, stride_kmn,
+    H, GROUP, N, N_K, KEY_OFFSET, P, C, D, qk_scale,
+    CAUSAL: tl.constexpr, HAS_KEY_MASK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DK: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):
     tl.static_assert(BLOCK_P >= 16 and BLOCK_C >= 16 and BLOCK_DK >= 16, "tl.dot needs blocks >= 16")
     tl.static_assert(BLOCK_D % BLOCK_DK == 0, "BLOCK_DK divides BLOCK_D")
@@ -147,6 +186,7 @@ def mixture_attention_fwd_kernel(
     off_bh = tl.program_id(1)
     off_b = (off_bh // H).to(tl.int64)
     off_h = (off_bh % H).to(tl.int64)
+    off_kv = off_h // GROUP
 
     offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
@@ -158,8 +198,8 @@ def mixture_attention_fwd_kernel(
     Q += off_b * stride_qb + off_h * stride_qh
     q = tl.load(Q + offs_m[:, None] * stride_qn + offs_d[None, :] * stride_qd,
                 mask=row_mask[:, None] & d_mask[None, :], other=0.0)
-    PK += off_h * stride_pkh
-    PV += off_h * stride_pvh
+    PK += off_kv * stride_pkh
+    PV += off_kv * stride_pvh
 
     # Pass 1: prompt max m_p and per-candidate sums l_c = sum_{p in c} 2^(t - m_p).
     m_p = tl.full([BLOCK_M], float("-inf"), tl.float32)
@@ -179,26 +219,25 @@ def mixture_attention_fwd_kernel(
     m_x = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_x = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    K += off_b * stride_kb + off_h * stride_kh
-    V += off_b * stride_vb + off_h * stride_vh
-    hi = N
-    if CAUSAL:
-        hi = tl.minimum(N, (start_m + 1) * BLOCK_M)  # keys past the last row of this block are never seen
+    K += off_b * stride_kb + off_kv * stride_kh
+    V += off_b * stride_vb + off_kv * stride_vh
+    hi = N_K
+    if CAUSAL:  # keys past the last row of this block (at position row + KEY_OFFSET) are never seen
+        hi = tl.minimum(N_K, (start_m + 1) * BLOCK_M + KEY_OFFSET)
     for n0 in range(0, hi, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
-        n_mask = offs_n < N
+        n_mask = offs_n < N_K
         k = tl.load(K + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd,
                     mask=n_mask[:, None] & d_mask[None, :], other=0.0)
         s = _head_dot(q, k, Q, offs_m, row_mask, stride_qn, stride_qd, K, offs_n, n_mask, stride_kn, stride_kd, D,
                       BLOCK_DK, DOT_PRECISION) * qk_scale
-        visible = n_mask[None, :]
-        if CAUSAL:
-            visible = visible & (offs_n[None, :] <= offs_m[:, None])
+        visible = _visible(offs_m, offs_n, n_mask, KeyMask + off_b * stride_kmb, stride_kmn, KEY_OFFSET,
+                           CAUSAL, HAS_KEY_MASK)
         s = tl.where(visible, s, float("-inf"))
-        # Key 0 is visible to every row, so m_new is finite from the first block on.
         m_new = tl.maximum(m_x, tl.max(s, 1))
-        alpha = tl.exp2(m_x - m_new)
-        probs = tl.exp2(s - m_new[:, None])
+        m_safe = _finite_or_zero(m_new)  # -inf while a row has seen no key: its exponentials are 0
+        alpha = tl.exp2(m_x - m_safe)
+        probs = tl.exp2(s - m_safe[:, None])
         l_x = l_x * alpha + tl.sum(probs, 1)
         v = tl.load(V + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd,
                     mask=n_mask[:, None] & d_mask[None, :], other=0.0)
@@ -207,11 +246,14 @@ def mixture_attention_fwd_kernel(
 
     out_offsets = off_b * stride_ob + off_h * stride_oh + offs_m[:, None] * stride_on + offs_d[None, :] * stride_od
     out_mask = row_mask[:, None] & d_mask[None, :]
-    # O_x, the original keys' own attention output (l_x >= 1: its maximum term is 2^0).
-    tl.store(OutX + out_offsets, _cast(acc / l_x[:, None], OutX.dtype.element_ty, DOT_PRECISION), mask=out_mask)
+    # O_x, the original keys' own attention output (l_x >= 1 when the row sees a key: its
+    # maximum term is 2^0; l_x = 0 and O_x = 0 when it sees none).
+    tl.store(OutX + out_offsets, _cast(acc / tl.where(l_x > 0, l_x, 1.0)[:, None], OutX.dtype.element_ty,
+                                       DOT_PRECISION), mask=out_mask)
 
-    # One maximum for everything; without prompts m_p = -inf and its factor is 0.
-    m = tl.maximum(m_x, m_p)
+    # One maximum for everything; a part that is absent (no prompts, or no visible key) has
+    # max -inf and factor 0. Both absent: m = 0, and every term is 0.
+    m = _finite_or_zero(tl.maximum(m_x, m_p))
     x_factor = tl.exp2(m_x - m)
     l_x = l_x * x_factor
     acc = acc * x_factor[:, None]
@@ -219,7 +261,7 @@ def mixture_attention_fwd_kernel(
 
     w = tl.load(W + offs_c, mask=c_mask, other=0.0)
     z = l_x[:, None] + l_c                                     # Z_c
-    gamma = tl.where(c_mask[None, :], w[None, :] / z, 0.0)     # w_c / Z_c
+    gamma = _gamma(w, z, c_mask)                               # w_c / Z_c
     beta = tl.sum(gamma, 1)
     acc = acc * beta[:, None]
 

@@ -2,10 +2,11 @@
 
 ``mixture_attention_forward`` returns ``(out, out_x, row_max, row_sum,
 denominators)`` and ``mixture_attention_backward`` turns the saved tensors plus
-``grad_out`` into the six gradients. Shapes: q, k, v (B, H, N, D), any strides;
-prompt_k, prompt_v (H, P, D); weights (C,); out, out_x (B, H, N, D); row_max
-and row_sum (B, H, N) float32 (log2 units for the max); denominators (B, H, N,
-C) float32. Inputs are assumed validated by ``fastdpl.ops``.
+``grad_out`` into the six gradients. Shapes: q (B, H, N, D), k, v (B, H_kv, N_k, D),
+any strides; prompt_k, prompt_v (H_kv, P, D); weights (C,); key_mask None or (B, N_k)
+bool; out, out_x (B, H, N, D); row_max and row_sum (B, H, N) float32 (log2 units for
+the max); denominators (B, H, N, C) float32. Inputs are assumed validated by
+``fastdpl.ops``.
 
 Each launch is first described as a ``Launch`` (kernel, grid, arguments, tiles),
 then run. ``forward_launches`` / ``backward_launches`` are what the launchers
@@ -100,6 +101,9 @@ def check_launchable(q: torch.Tensor) -> None:
             "impl='triton' needs CUDA tensors, or TRITON_INTERPRET=1 set before fastdpl's kernels are "
             f"first imported to run them on the CPU; got tensors on {q.device}. Use impl='eager' instead."
         )
+    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise TypeError(f"q: impl='triton' supports float16, bfloat16 and float32, got {q.dtype}; "
+                        "use impl='eager' or 'reference' for float64")
     head_dim = q.shape[-1]
     if not MIN_HEAD_DIM <= head_dim <= MAX_HEAD_DIM:
         raise ValueError(f"q: impl='triton' supports head dims {MIN_HEAD_DIM}..{MAX_HEAD_DIM}, got {head_dim}")
@@ -119,6 +123,21 @@ def launch_arch(q: torch.Tensor, arch: int | None) -> int | None:
     return arch if arch is not None else _device_arch(q.device)
 
 
+def _key_mask_args(key_mask, placeholder):
+    """(pointer, batch stride, key stride) of the key mask as bytes; a placeholder pointer without one."""
+    if key_mask is None:
+        return placeholder, 0, 0
+    as_bytes = key_mask.view(torch.uint8)  # same strides; the kernels test != 0
+    return (as_bytes, *as_bytes.stride())
+
+
+def _attention_shape(q, k):
+    """(H, GROUP, N, N_K, KEY_OFFSET): query heads, query heads per key/value head, queries, keys,
+    and the position of query 0 among the keys (the queries are the last N of N_K)."""
+    heads, n_queries, n_keys = q.shape[1], q.shape[2], k.shape[2]
+    return heads, heads // k.shape[1], n_queries, n_keys, n_keys - n_queries
+
+
 def _tiles(kernel, q, causal, arch):
     return configs.tiles_for(kernel, q.shape[2], q.shape[3], q.dtype == torch.float32, bool(causal), arch)
 
@@ -127,7 +146,8 @@ def _meta(tiles: configs.Tiles, **constexprs):
     return dict(constexprs, **tiles.launch_options())
 
 
-def forward_launches(q, k, v, prompt_k, prompt_v, candidate_lengths, weights, causal, arch=None):
+def forward_launches(q, k, v, prompt_k, prompt_v, candidate_lengths, weights, causal, scale=None, key_mask=None,
+                     arch=None):
     """Allocate the forward's outputs and describe its one launch, tiled for ``arch`` (default: q's GPU)."""
     arch = launch_arch(q, arch)
     lengths = tuple(int(n) for n in candidate_lengths)
@@ -141,21 +161,24 @@ def forward_launches(q, k, v, prompt_k, prompt_v, candidate_lengths, weights, ca
     pk, pv = _nonempty_prompts(prompt_k), _nonempty_prompts(prompt_v)
     tiles = _tiles("forward", q, causal, arch)
     block_d = configs.pow2_at_least(head_dim)
+    scale = head_dim ** -0.5 if scale is None else scale
+    segment_ids = _segment_ids(lengths, q.device)
     launch = Launch(
         "forward", mixture_attention_fwd_kernel, (triton.cdiv(n_queries, tiles.block_m), batch * heads),
-        (q, k, v, pk, pv, _segment_ids(lengths, q.device), weights.to(torch.float32).contiguous(),
+        (q, k, v, pk, pv, segment_ids, weights.to(torch.float32).contiguous(),
          out, out_x, row_max, row_sum, denominators,
          *q.stride(), *k.stride(), *v.stride(), *out.stride(), *pk.stride(), *pv.stride(),
-         heads, n_queries, n_prompt, n_candidates, head_dim, head_dim ** -0.5 * LOG2E),
-        _meta(tiles, CAUSAL=bool(causal), BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n,
-              BLOCK_P=min(64, configs.pow2_at_least(n_prompt)), BLOCK_C=configs.pow2_at_least(n_candidates),
+         *_key_mask_args(key_mask, segment_ids), *_attention_shape(q, k),
+         n_prompt, n_candidates, head_dim, scale * LOG2E),
+        _meta(tiles, CAUSAL=bool(causal), HAS_KEY_MASK=key_mask is not None, BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n,
+              BLOCK_P=configs.forward_prompt_block(n_prompt), BLOCK_C=configs.pow2_at_least(n_candidates),
               BLOCK_D=block_d, BLOCK_DK=tiles.block_dk(block_d), DOT_PRECISION=dot_precision(q.dtype)),
     )
     return (out, out_x, row_max, row_sum, denominators), [launch]
 
 
 def backward_launches(grad_out, q, k, v, prompt_k, prompt_v, candidate_lengths, weights,
-                      out_x, row_max, row_sum, denominators, causal, arch=None):
+                      out_x, row_max, row_sum, denominators, causal, scale=None, key_mask=None, arch=None):
     """Allocate the backward's buffers and describe its three launches (in order), tiled for ``arch``."""
     arch = launch_arch(q, arch)
     lengths = tuple(int(n) for n in candidate_lengths)
@@ -164,8 +187,11 @@ def backward_launches(grad_out, q, k, v, prompt_k, prompt_v, candidate_lengths, 
     f32 = dict(dtype=torch.float32, device=q.device)
     block_c, block_d = configs.pow2_at_least(n_candidates), configs.pow2_at_least(head_dim)
     precision = dot_precision(q.dtype)
-    sm_scale = head_dim ** -0.5
-    tiling = configs.prompt_tiling(batch, n_queries, head_dim, n_prompt,
+    sm_scale = head_dim ** -0.5 if scale is None else scale
+    shape = _attention_shape(q, k)
+    group, n_keys, kv_heads = shape[1], shape[3], k.shape[1]
+    # The prompt gradients sum over every (sequence, query head) sharing one key/value head.
+    tiling = configs.prompt_tiling(batch * group, n_queries, head_dim, n_prompt,
                                    precision if q.dtype == torch.float32 else None)
     prompt_tiles = tiling.launch()
 
@@ -175,16 +201,18 @@ def backward_launches(grad_out, q, k, v, prompt_k, prompt_v, candidate_lengths, 
     d_prompt_rows = torch.empty(batch, heads, n_queries, n_candidates, **f32)  # D_c per row, for dt
     d_rows = torch.empty(batch, heads, n_queries, n_candidates, **f32)  # D_c per row, exact X, for dw
     # Every slot is written by exactly one program (zeros where it had no tiles).
-    dpk_part = torch.empty(tiling.splits, heads, n_prompt, head_dim, **f32)
-    dpv_part = torch.empty(tiling.splits, heads, n_prompt, head_dim, **f32)
+    dpk_part = torch.empty(tiling.splits, kv_heads, n_prompt, head_dim, **f32)
+    dpv_part = torch.empty(tiling.splits, kv_heads, n_prompt, head_dim, **f32)
     pk, pv = _nonempty_prompts(prompt_k), _nonempty_prompts(prompt_v)
     segment_ids, weights32 = _segment_ids(lengths, q.device), weights.to(torch.float32).contiguous()
+    key_mask_args = _key_mask_args(key_mask, segment_ids)
     prompt = Launch(
-        "prompt_bwd", prompt_bwd_kernel, (tiling.splits, heads, tiling.prompt_blocks),
+        "prompt_bwd", prompt_bwd_kernel, (tiling.splits, kv_heads, tiling.prompt_blocks),
         (q, out_x, grad_out, pk, pv, segment_ids, weights32,
          row_max, row_sum, denominators, delta, beta, y_rows, d_prompt_rows, dpk_part, dpv_part,
          *q.stride(), *out_x.stride(), *grad_out.stride(), *pk.stride(), *pv.stride(),
-         batch, heads, n_queries, n_prompt, n_candidates, head_dim, tiling.splits, sm_scale * LOG2E, sm_scale),
+         batch, heads, group, n_queries, n_prompt, n_candidates, head_dim, tiling.splits, sm_scale * LOG2E,
+         sm_scale),
         _meta(prompt_tiles, BLOCK_M=tiling.block_m, BLOCK_P=tiling.block_p, BLOCK_C=block_c, BLOCK_D=block_d,
               BLOCK_DK=prompt_tiles.block_dk(block_d), DOT_PRECISION=precision),
     )
@@ -193,10 +221,10 @@ def backward_launches(grad_out, q, k, v, prompt_k, prompt_v, candidate_lengths, 
     strides = (*q.stride(), *k.stride(), *v.stride(), *grad_out.stride())
     kv = _tiles("kv", q, causal, arch)
     kv_launch = Launch(
-        "kv_bwd", kv_bwd_kernel, (triton.cdiv(n_queries, kv.block_n), batch * heads),
+        "kv_bwd", kv_bwd_kernel, (triton.cdiv(n_keys, kv.block_n), batch * kv_heads),
         (q, k, v, grad_out, dk, dv, row_max, delta, beta, *strides, *dk.stride(), *dv.stride(),
-         heads, n_queries, head_dim, sm_scale * LOG2E, sm_scale),
-        _meta(kv, CAUSAL=bool(causal), BLOCK_M=kv.block_m, BLOCK_N=kv.block_n, BLOCK_D=block_d,
+         *key_mask_args, *shape, head_dim, sm_scale * LOG2E, sm_scale),
+        _meta(kv, CAUSAL=bool(causal), HAS_KEY_MASK=key_mask is not None, BLOCK_M=kv.block_m, BLOCK_N=kv.block_n, BLOCK_D=block_d,
               DOT_PRECISION=precision),
     )
     qt = _tiles("q", q, causal, arch)
@@ -204,8 +232,8 @@ def backward_launches(grad_out, q, k, v, prompt_k, prompt_v, candidate_lengths, 
         "q_bwd", q_bwd_kernel, (triton.cdiv(n_queries, qt.block_m), batch * heads),
         (q, k, v, grad_out, dq, row_max, delta, beta, pk, pv, segment_ids, weights32, denominators, y_rows,
          d_prompt_rows, d_rows, *strides, *dq.stride(), *pk.stride(), *pv.stride(),
-         heads, n_queries, n_prompt, n_candidates, head_dim, sm_scale * LOG2E, sm_scale),
-        _meta(qt, CAUSAL=bool(causal), BLOCK_M=qt.block_m, BLOCK_N=qt.block_n, BLOCK_P=tiling.block_p,
+         *key_mask_args, *shape, n_prompt, n_candidates, head_dim, sm_scale * LOG2E, sm_scale),
+        _meta(qt, CAUSAL=bool(causal), HAS_KEY_MASK=key_mask is not None, BLOCK_M=qt.block_m, BLOCK_N=qt.block_n, BLOCK_P=tiling.block_p,
               BLOCK_C=block_c, BLOCK_D=block_d, BLOCK_DK=qt.block_dk(block_d), DOT_PRECISION=precision),
     )
 
@@ -217,19 +245,21 @@ def backward_launches(grad_out, q, k, v, prompt_k, prompt_v, candidate_lengths, 
     return finish, [prompt, kv_launch, q_launch]
 
 
-def mixture_attention_forward(q, k, v, prompt_k, prompt_v, candidate_lengths, weights, causal):
+def mixture_attention_forward(q, k, v, prompt_k, prompt_v, candidate_lengths, weights, causal, scale=None,
+                              key_mask=None):
     check_launchable(q)
-    outputs, launches = forward_launches(q, k, v, prompt_k, prompt_v, candidate_lengths, weights, causal)
+    outputs, launches = forward_launches(q, k, v, prompt_k, prompt_v, candidate_lengths, weights, causal, scale,
+                                         key_mask)
     for launch in launches:
         launch()
     return outputs
 
 
 def mixture_attention_backward(grad_out, q, k, v, prompt_k, prompt_v, candidate_lengths, weights,
-                               out_x, row_max, row_sum, denominators, causal):
+                               out_x, row_max, row_sum, denominators, causal, scale=None, key_mask=None):
     check_launchable(q)
     finish, launches = backward_launches(grad_out, q, k, v, prompt_k, prompt_v, candidate_lengths, weights,
-                                         out_x, row_max, row_sum, denominators, causal)
+                                         out_x, row_max, row_sum, denominators, causal, scale, key_mask)
     for launch in launches:
         launch()
     return finish()

@@ -1,5 +1,6 @@
 """The benchmark runner and its peers keep working (tiny shapes; timings not checked)."""
 import json
+import math
 import os
 import subprocess
 import sys
@@ -55,6 +56,25 @@ def test_single_path_floor_is_one_prompted_attention():
     assert_matches(actual, expected, 1e-10, "sdpa floor")
 
 
+def test_peers_take_grouped_query_inputs():
+    """With fewer key/value heads than query heads (the language-model shapes) the peers compute
+    the op (lse_merge) or one prefixed attention (the SDPA floors, repeat_kv or enable_gqa)."""
+    shape = next(s for s in op.SMOKE_SHAPES if s.kv_heads < s.heads)
+    (tensors, grad_out), = op.make_input_sets(shape, torch.float64, "cpu", count=1, seed=5)
+    q, k, v, pk, pv, w = tensors
+    expected = mixture_prefix_attention(q, k, v, pk, pv, shape.lengths, w, causal=True, impl="reference")
+    actual = peers.lse_merge(q, k, v, pk, pv, shape.lengths, w, True)
+    assert_matches(actual, expected.detach(), 1e-10, "lse_merge, grouped-query")
+    for g, e in zip(torch.autograd.grad(actual, tensors, grad_out), torch.autograd.grad(expected, tensors, grad_out)):
+        assert_matches(g, e, 1e-10, "lse_merge grad, grouped-query")
+    n = max(shape.lengths)
+    single = mixture_prefix_attention(q, k, v, pk[:, :n], pv[:, :n], (n,), torch.ones(1, dtype=torch.float64),
+                                      causal=True, impl="reference").detach()
+    for enable_gqa in (False, True):
+        floor = peers.sdpa_single_path(q, k, v, pk, pv, shape.lengths, w, True, n_prompt=n, enable_gqa=enable_gqa)
+        assert_matches(floor.detach(), single, 1e-10, f"sdpa floor, enable_gqa={enable_gqa}")
+
+
 def test_runner_writes_json_with_provenance(tmp_path):
     out = tmp_path / "op.json"
     result = op.run(device="cpu", smoke=True, out=out, echo=lambda *_: None)
@@ -68,8 +88,16 @@ def test_runner_writes_json_with_provenance(tmp_path):
         assert "triton" in providers
     for row in saved["rows"]:
         assert "error" not in row, row
-        assert row["median_ms"] > 0 and row["q1_ms"] <= row["median_ms"] <= row["q3_ms"]
+        assert math.isfinite(row["median_ms"]) and row["median_ms"] > 0
+        assert row["q1_ms"] <= row["median_ms"] <= row["q3_ms"]
         assert row["tflops"] > 0
+    # The grouped-query smoke shape: every CPU provider timed in both modes, against the N + max floor.
+    lm = next(s for s in op.SMOKE_SHAPES if s.kv_heads < s.heads)
+    assert next(s for s in saved["shapes"] if s["name"] == lm.name)["kv_heads"] == lm.kv_heads
+    for mode in ("fwd", "fwd+bwd"):
+        rows = {r["provider"]: r for r in saved["rows"] if r["shape"] == lm.name and r["mode"] == mode}
+        assert set(rows) == set(op.providers(torch.device("cpu"), lm)) and "sdpa_n+max_gqa" in rows
+        assert rows["sdpa_n+max"]["vs_single_path"] == 1.0
 
 
 def test_cli_bench_lists_shapes():
@@ -77,6 +105,7 @@ def test_cli_bench_lists_shapes():
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert "image-b128" in result.stdout and "text-1000cls-n20" in result.stdout
+    assert "lm-1b-n2048" in result.stdout and "kv_heads=8" in result.stdout
 
 
 def test_cli_bench_rejects_unknown_shape():
@@ -190,3 +219,16 @@ def test_cocoop_runner_writes_json_and_its_providers_agree(tmp_path):
     for name in ("fast", "fast_chunked"):
         for g, r in zip(grads[name], grads["literal"]):
             assert_matches(g, r, 1e-10, f"cocoop {name} vs literal")
+
+
+def test_language_model_op_target_reads_the_single_path_ratio():
+    """The 1.15x LM target is checked on exactly the op benchmark's LM shapes, from their
+    triton fwd+bwd time / SDPA over N + max(lengths) keys."""
+    from fastdpl.bench import targets
+
+    assert targets.LM_OP_SHAPES == op.LM_TARGET_SHAPES
+    rows = [dict(shape="lm-1b-n512", mode="fwd+bwd", provider="triton", vs_single_path=1.10),
+            dict(shape="lm-1b-n2048", mode="fwd+bwd", provider="triton", vs_single_path=1.20)]
+    found = {t["target"]: t["met"] for t in targets.check({"rows": rows}, None, None) if "N+max" in t["target"]}
+    assert found == {"op fwd+bwd lm-1b-n512: time / SDPA over N+max keys": True,
+                     "op fwd+bwd lm-1b-n2048: time / SDPA over N+max keys": False}

@@ -10,11 +10,13 @@ users get it by default (tf32x3) or with TF32 allowed. Only the one-hot per-cand
 gathers stay on FMA, on purpose (exact fp32 sums).
 
 CI compiles a covering subset (every precision x head dim on every part, N and mask
-cycling through the tile table's rows); FASTDPL_COMPILE_MATRIX=full compiles the whole
+cycling through the tile table's rows, and every language-model row: grouped-query heads,
+a key mask, N 512 and 2048); FASTDPL_COMPILE_MATRIX=full compiles the whole
 matrix (the tables committed in benchmarks/results/, one per Triton version, come from
 that run). The compilation runs in a subprocess: the kernels of this process are
 interpreted when TRITON_INTERPRET=1 (CI), and interpreted kernels cannot be compiled.
 """
+import itertools
 import json
 import os
 import subprocess
@@ -51,6 +53,20 @@ def test_every_launch_compiles(compiled_rows):
     assert {r["arch"] for r in compiled_rows} == {90, 80, 100}
     assert not any("error" in r for r in compiled_rows), _failures(compiled_rows, lambda r: "error" in r,
                                                                   lambda r: r["error"])
+
+
+def test_language_model_rows_are_compiled(compiled_rows):
+    """Every language-model row (32 query heads over 8 key/value heads, causal with a key mask, the
+    LM candidate lengths; N 512 and 2048, head dim 64 and 128, bf16 and fp32) on every part, all
+    four launches each: the checks below hold for them as for the CLIP rows."""
+    from fastdpl.kernels import compiled
+
+    lm = {(r["arch"], r["dtype"], r["head_dim"], r["n"], r["kernel"]) for r in compiled_rows if r["family"] == "lm"}
+    expected = {(compiled.TARGETS[a].arch, d, h, n, kernel) for a in compiled.ARCHES
+                for (d, _), h, n in itertools.product(compiled.LM_PRECISIONS, compiled.LM_HEAD_DIMS,
+                                                      compiled.LM_SEQ_LENS)
+                for kernel in ("forward", "prompt_bwd", "kv_bwd", "q_bwd")}
+    assert lm == expected
 
 
 def test_no_register_spills(compiled_rows):

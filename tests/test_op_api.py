@@ -76,7 +76,7 @@ def test_bad_candidate_lengths_raise_naming_argument(lengths, error):
 
 def test_lengths_mismatch_message_names_prompt_rows():
     q, k, v, pk, pv, w = _inputs()
-    with pytest.raises(ValueError, match=r"prompt_k must have shape \(H, sum\(candidate_lengths\), D\)"):
+    with pytest.raises(ValueError, match=r"prompt_k must have shape \(H_kv, sum\(candidate_lengths\), D\)"):
         _call(q, k, v, pk, pv, w, lengths=(1, 2, 3))
 
 
@@ -109,6 +109,12 @@ def test_triton_rejects_unsupported_head_dim():
         _call(*_inputs(case, device=TRITON_DEVICE), lengths=case.lengths, impl="triton")
 
 
+@needs_triton
+def test_triton_refuses_float64_by_name():
+    with pytest.raises(TypeError, match="q: impl='triton' supports float16, bfloat16 and float32"):
+        _call(*_inputs(dtype=torch.float64, device=TRITON_DEVICE), impl="triton")
+
+
 # ---- torch.library registration and torch.compile -------------------------------------------------
 
 @needs_triton
@@ -117,12 +123,12 @@ def test_opcheck_forward_and_backward_ops(causal):
     case = Case(2, 2, 19, 16, (0, 3, 0, 2), causal)
     tensors, grad_out = make_inputs(case, torch.float32, TRITON_DEVICE, seed=2)
     q, k, v, pk, pv, w = tensors
-    fwd_args = (q, k, v, pk, pv, list(case.lengths), w, causal)
+    fwd_args = (q, k, v, pk, pv, list(case.lengths), w, causal, case.head_dim ** -0.5, None)
     torch.library.opcheck(torch.ops.fastdpl.mixture_attention_fwd.default, fwd_args)
     with torch.no_grad():
         _, out_x, row_max, row_sum, denominators = torch.ops.fastdpl.mixture_attention_fwd(*fwd_args)
     bwd_args = (grad_out, *(t.detach() for t in (q, k, v, pk, pv)), list(case.lengths), w.detach(),
-                out_x, row_max, row_sum, denominators, causal)
+                out_x, row_max, row_sum, denominators, causal, case.head_dim ** -0.5, None)
     torch.library.opcheck(torch.ops.fastdpl.mixture_attention_bwd.default, bwd_args)
 
 

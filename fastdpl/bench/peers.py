@@ -15,6 +15,18 @@ candidate_lengths, weights, causal) -> out`` and is differentiable.
   efficient, math). The prompt keys go first and a causal tower uses a
   lower-right causal mask (query i sees every prompt and original keys <= i),
   which the flash and efficient backends take without a dense mask.
+
+Grouped-query attention (k, v and the prompts with H_kv < H heads): the SDPA
+floor does what transformers' sdpa path does for a prefix-tuned layer. The
+prefix makes the key length exceed the query length, so transformers
+materialises the causal mask, and with a mask it does not pass ``enable_gqa``
+on CUDA but repeats the key/value heads (``repeat_kv``, i.e.
+``repeat_interleave(dim=1)``) of the concatenated [prefix ; keys] before one
+SDPA call; so does ``sdpa_single_path`` (only its mask is the lower-right
+causal bias, which lets flash/efficient run: a stricter floor than
+transformers' dense mask). ``enable_gqa=True`` times SDPA's own grouped path
+instead. ``lse_merge`` expands k, v and the prompts over the query heads
+first, as a user wiring those kernels would.
 """
 from __future__ import annotations
 
@@ -31,23 +43,35 @@ from fastdpl.ops.reference import candidate_offsets
 SDPA_BACKENDS = ("flash", "cudnn", "efficient", "math")
 
 
-def sdpa_over_prefix(q, k, v, prompt_k, prompt_v, causal, backend: str | None = None):
+def repeat_kv(x, heads: int, dim: int = 1):
+    """Key/value heads repeated up to ``heads`` query heads, kv head j serving query heads
+    j*group .. (j+1)*group - 1 (transformers' repeat_kv order); ``x`` itself when they match."""
+    group = heads // x.shape[dim]
+    return x if group == 1 else x.repeat_interleave(group, dim=dim)
+
+
+def sdpa_over_prefix(q, k, v, prompt_k, prompt_v, causal, backend: str | None = None, enable_gqa: bool = False):
     """One SDPA call over [prompt_k ; k] (prompts broadcast over the batch, as a prompted block
-    does); ``backend`` names one of SDPA_BACKENDS, or None for PyTorch's own choice."""
+    does); ``backend`` names one of SDPA_BACKENDS, or None for PyTorch's own choice. Fewer
+    key/value heads than query heads: repeated (repeat_kv) unless ``enable_gqa``."""
     batch, n_prompt = q.shape[0], prompt_k.shape[1]
     keys = torch.cat([prompt_k.unsqueeze(0).expand(batch, -1, -1, -1), k], dim=2)
     values = torch.cat([prompt_v.unsqueeze(0).expand(batch, -1, -1, -1), v], dim=2)
-    mask = causal_lower_right(q.shape[2], q.shape[2] + n_prompt) if causal else None
+    if not enable_gqa:
+        keys, values = repeat_kv(keys, q.shape[1]), repeat_kv(values, q.shape[1])
+    mask = causal_lower_right(q.shape[2], k.shape[2] + n_prompt) if causal else None
+    extra = {"enable_gqa": True} if enable_gqa else {}
     if backend is None:
-        return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
+        return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, **extra)
     with sdpa_kernel({"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION,
                       "efficient": SDPBackend.EFFICIENT_ATTENTION, "math": SDPBackend.MATH}[backend]):
-        return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
+        return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, **extra)
 
 
-def sdpa_single_path(q, k, v, prompt_k, prompt_v, candidate_lengths, weights, causal, n_prompt, backend=None):
+def sdpa_single_path(q, k, v, prompt_k, prompt_v, candidate_lengths, weights, causal, n_prompt, backend=None,
+                     enable_gqa=False):
     """The floor: a single prompted attention with the first ``n_prompt`` prompt rows."""
-    return sdpa_over_prefix(q, k, v, prompt_k[:, :n_prompt], prompt_v[:, :n_prompt], causal, backend)
+    return sdpa_over_prefix(q, k, v, prompt_k[:, :n_prompt], prompt_v[:, :n_prompt], causal, backend, enable_gqa)
 
 
 def _accumulation_dtype(q):
@@ -79,6 +103,9 @@ def _x_attention_xformers(q, k, v, causal):
 def _compiled_flex():
     from torch.nn.attention.flex_attention import flex_attention
 
+    # dynamic=False compiles once per shape and grad mode (2 per benchmark shape): past dynamo's
+    # default limit of 8 it would silently run the unfused eager flex_attention for the later shapes.
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
     return torch.compile(flex_attention, dynamic=False)
 
 
@@ -103,6 +130,9 @@ def lse_merge(q, k, v, prompt_k, prompt_v, candidate_lengths, weights, causal, x
     ``(q, k, v, causal) -> (out, lse)`` with lse in natural-log units.
     """
     x_attention = X_ATTENTION[x_backend] if isinstance(x_backend, str) else x_backend
+    heads = q.shape[1]  # grouped-query inputs: every part below runs on per-query-head copies
+    k, v = repeat_kv(k, heads), repeat_kv(v, heads)
+    prompt_k, prompt_v = repeat_kv(prompt_k, heads, dim=0), repeat_kv(prompt_v, heads, dim=0)
     out_x, lse_x = x_attention(q, k, v, causal)
     acc = _accumulation_dtype(q)
     out_x, lse_x = out_x.to(acc), lse_x.to(acc).unsqueeze(-1)
