@@ -35,9 +35,11 @@ setup(
         "matplotlib>=3.7",
     ],
     extras_require={
-        "test": ["pytest>=8", "pytest-benchmark>=4", "tensorboard>=2.14", "transformers>=4.40"],
+        "test": ["pytest>=8", "pytest-benchmark>=4", "tensorboard>=2.14", "transformers>=5.0"],
         "tensorboard": ["tensorboard>=2.14"],  # TensorBoard events beside each stage's metrics.jsonl
         "hf": ["transformers>=4.40"],  # Hugging Face CLIPModel backbones (fastdpl.adapters.hf_clip)
+        # Language models (fastdpl.lm): transformers 5's attention and mask registries
+        "lm": ["transformers>=5.0"],
     },
     entry_points={"console_scripts": ["fastdpl=fastdpl.cli:main"]},
 )

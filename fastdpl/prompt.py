@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from .config import TOWERS, PromptConfig
-from .core import MODES, PromptBank, PromptShape, Stack, check_saved_tensors, check_state_header  # noqa: F401
+from .core import MODES, BankHolder, PromptBank, PromptShape, Stack, check_saved_tensors, check_state_header  # noqa: F401
 from .ops import IMPLS
 from .profiling import nvtx_range
 from .templates import resolve_template, tokenize_classes
@@ -45,7 +45,7 @@ INITS = ("normal", "paper")
 STATE_FORMAT = "fastdpl-prompts-v1"
 
 
-class FastDPLPrompt(nn.Module):
+class FastDPLPrompt(BankHolder, nn.Module):
     """Differentiable Prompt Learning around an open_clip CLIP model.
 
     Args:
@@ -186,10 +186,6 @@ class FastDPLPrompt(nn.Module):
 
     # ---- the core's state, as this module's attributes -------------------------------------------------
     @property
-    def mode(self) -> str:
-        return self.bank.mode
-
-    @property
     def candidate_lengths(self):
         return self.bank.candidate_lengths
 
@@ -225,16 +221,6 @@ class FastDPLPrompt(nn.Module):
     def prompt(self, tower: str, block: int, length: int) -> nn.Parameter:
         """The (length, width) prompt of a candidate (search) or of the block (fixed)."""
         return self.bank.prompt(tower, block, length)
-
-    def arch_parameters(self) -> list[nn.Parameter]:
-        return self.bank.arch_parameters()
-
-    def prompt_parameters(self) -> list[nn.Parameter]:
-        return self.bank.prompt_parameters()
-
-    def parameter_groups(self) -> dict:
-        """{group: parameters}: "prompt" (SGD on training batches) and, in search mode, "arch" (alpha)."""
-        return self.bank.parameter_groups()
 
     def derive_config(self) -> PromptConfig:
         """argmax of the architecture logits per block; towers without prompts get zeros."""

@@ -303,6 +303,27 @@ class PromptBank(nn.Module):
         return f"mode={self.mode}, {what}, stacks={list(self.lengths)}"
 
 
+class BankHolder:
+    """What an application that holds its PromptBank as ``self.bank`` offers a training loop
+    (FastDPLPrompt, FastDPLPrefix): the mode and the two parameter groups."""
+
+    bank: PromptBank
+
+    @property
+    def mode(self) -> str:
+        return self.bank.mode
+
+    def arch_parameters(self) -> list[nn.Parameter]:
+        return self.bank.arch_parameters()
+
+    def prompt_parameters(self) -> list[nn.Parameter]:
+        return self.bank.prompt_parameters()
+
+    def parameter_groups(self) -> dict:
+        """{group: parameters}: "prompt" (training batches) and, in search mode, "arch" (alpha)."""
+        return self.bank.parameter_groups()
+
+
 def check_state_header(state, fmt: str, kind: str, saved: str, backbone) -> None:
     """A ValueError unless ``state`` is a saved state of format ``fmt`` ("not a fastdpl ``kind``
     state") for this ``backbone`` ("``saved`` saved for ...")."""

@@ -1,0 +1,99 @@
+"""FastDPLPrefix: DPL's per-layer prefix-length search for Hugging Face language models.
+
+    dpl = FastDPLPrefix(model)                          # search over {0, 4, 8, 16, 32, 64} per layer
+    loss = dpl(input_ids=ids, attention_mask=mask, labels=ids).loss
+    arch_opt = torch.optim.Adam(dpl.arch_parameters(), lr=3e-3)        # on validation batches
+    prompt_opt = torch.optim.AdamW(dpl.prompt_parameters(), lr=1e-2)   # on training batches
+    config = dpl.derive_config()                        # argmax of alpha per layer
+    subnet = FastDPLPrefix(model, mode="fixed", config=config)         # retrain fresh
+
+Semantics (DESIGN.md section 6): at layer l a learned prefix of n key and n value vectors per
+key/value head, appended after the rotary embedding (no position) and visible to every query;
+the real tokens keep positions 0..L-1. Search mode mixes every candidate length of a layer with
+softmax(alpha_l) inside one attention (the fused op); fixed mode runs one length per layer
+(0: the plain layer). The model is frozen and otherwise untouched: it is switched to
+``attn_implementation="fastdpl"`` (fastdpl/adapters/hf_lm.py), which runs exactly the base
+model when every length is 0, and back with ``detach()``. Prompts stay out of the KV cache, so
+``generate`` and gradient checkpointing work as for the base model.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn as nn
+
+from .config import PromptConfig
+from .core import MODES, BankHolder, PromptBank, PromptShape, Stack
+from .ops import IMPLS
+from .adapters import hf_lm
+
+LM_LENGTHS = (0, 4, 8, 16, 32, 64)
+
+
+class FastDPLPrefix(BankHolder, nn.Module):
+    """Differentiable Prompt Learning of per-layer prefix lengths around a transformers model.
+
+    Args:
+        model: a transformers model whose attention dispatches through its AttentionInterface
+            (Llama, Qwen2/3, Mistral, GPT-2, BERT, ...); frozen here (requires_grad=False).
+        mode: "search" (a supernet over ``candidate_lengths``) or "fixed" (lengths from ``config``).
+        candidate_lengths: distinct non-negative prefix lengths searched per layer.
+        config: a PromptConfig over the stack "decoder" (fixed mode), e.g. ``dpl.derive_config()``.
+        impl: op engine: "auto" (Triton on CUDA, eager otherwise), "eager", "triton" or "reference".
+        generator: draws the initial prefixes (N(0, 0.02^2)) and alpha; a private one seeded 0 when
+            None, so the global RNG is never touched and the same arguments give the same prefixes.
+    """
+
+    def __init__(self, model: nn.Module, *, mode: str = "search", candidate_lengths: Sequence[int] = LM_LENGTHS,
+                 config: PromptConfig | None = None, impl: str = "auto", generator: torch.Generator | None = None):
+        super().__init__()
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        if impl not in IMPLS:
+            raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+        names, modules, kv_heads, head_dim = hf_lm.prefix_sites(model)
+        stack = Stack(hf_lm.STACK, modules, PromptShape.kv(kv_heads, head_dim), paths=names, noun="decoder")
+        self.bank = PromptBank([stack], mode=mode, candidate_lengths=candidate_lengths, config=config,
+                               generator=generator)
+        device = next(model.parameters()).device
+        self.bank.to(device)
+        self.impl = impl
+        # The model is not a submodule: the wrapper's state is the prompts and alpha only.
+        object.__setattr__(self, "model", model)
+        model.requires_grad_(False)
+        self._previous_attention = model.config._attn_implementation
+        hf_lm.register()
+        hf_lm.bind(stack.blocks, self.bank, impl)
+        model.set_attn_implementation(hf_lm.NAME)
+
+    def forward(self, *args, **kwargs):
+        """The model's own forward (logits, loss with ``labels=``, cache) with the prefixes."""
+        return self.model(*args, **kwargs)
+
+    def generate(self, *args, **kwargs):
+        return self.model.generate(*args, **kwargs)
+
+    def detach(self) -> nn.Module:
+        """Unbind the prefixes and give the model back its previous attention implementation."""
+        hf_lm.unbind(self.bank.stacks[hf_lm.STACK].blocks)
+        self.model.set_attn_implementation(self._previous_attention)
+        return self.model
+
+    # ---- what a training loop needs ------------------------------------------------------------------
+    def derive_config(self) -> PromptConfig:
+        """The argmax of alpha per layer (search), or the fixed configuration."""
+        return self.bank.derive_config(allowed=(hf_lm.STACK,))
+
+    def prompt(self, layer: int, length: int) -> nn.Parameter:
+        """Layer ``layer``'s prefix of ``length``: (2, H_kv, length, head_dim), keys then values."""
+        return self.bank.prompt(hf_lm.STACK, layer, length)
+
+    def prompt_state_dict(self) -> dict:
+        return self.bank.state()
+
+    def load_prompt_state_dict(self, state) -> None:
+        self.bank.load_state(state)
+
+    def extra_repr(self) -> str:
+        return f"model={type(self.model).__name__}, {self.bank.extra_repr()}, impl={self.impl!r}"

@@ -1,0 +1,309 @@
+"""FastDPLPrefix on tiny random Hugging Face models of every family that dispatches through
+transformers' attention registry: Llama (grouped-query), Qwen2 (q/k/v biases), Qwen3 (q/k norms,
+head dim other than hidden / heads), Mistral (sliding window), GPT-2 (absolute positions) and
+BERT sequence classification (bidirectional).
+
+The oracle is a literal supernet written here against each model's own ``eager_attention_forward``:
+per layer and candidate, the candidate's prefix concatenated before the keys and values, the
+model's own eager mask extended with visible prefix columns, one eager attention per candidate,
+outputs mixed with softmax(alpha). It is registered as another attention implementation and reads
+the same prompts, so both runs see the same parameters.
+"""
+import sys
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers", minversion="5.0")
+
+from fastdpl.adapters import UnsupportedModelError, hf_lm  # noqa: E402
+from fastdpl.config import PromptConfig  # noqa: E402
+from fastdpl.lm import FastDPLPrefix  # noqa: E402
+
+VOCAB, LENGTHS = 61, (0, 2, 5)
+
+
+def tiny(family: str, **overrides):
+    """A tiny random model of ``family`` (no download), in eval mode, seeded."""
+    torch.manual_seed(0)
+    common = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                  num_attention_heads=4, max_position_embeddings=64)
+    if family == "llama":
+        config = transformers.LlamaConfig(num_key_value_heads=2, **common)
+        model = transformers.LlamaForCausalLM(config)
+    elif family == "qwen2":
+        config = transformers.Qwen2Config(num_key_value_heads=2, **common)
+        model = transformers.Qwen2ForCausalLM(config)
+    elif family == "qwen3":
+        config = transformers.Qwen3Config(num_key_value_heads=1, head_dim=12, **common)
+        model = transformers.Qwen3ForCausalLM(config)
+    elif family == "mistral":
+        config = transformers.MistralConfig(num_key_value_heads=2, sliding_window=overrides.pop("window", 4096),
+                                            **common)
+        model = transformers.MistralForCausalLM(config)
+    elif family == "gpt2":
+        config = transformers.GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=3, n_head=4, n_positions=64,
+                                         attn_pdrop=0.0, resid_pdrop=0.0, embd_pdrop=0.0)
+        model = transformers.GPT2LMHeadModel(config)
+    elif family == "bert":
+        config = transformers.BertConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
+                                         intermediate_size=64, max_position_embeddings=64, num_labels=3,
+                                         attention_probs_dropout_prob=0.0, hidden_dropout_prob=0.0)
+        model = transformers.BertForSequenceClassification(config)
+    else:
+        raise ValueError(family)
+    for name, value in overrides.items():
+        setattr(model.config, name, value)
+    return model.eval()
+
+
+DECODERS = ["llama", "qwen2", "qwen3", "mistral", "gpt2"]
+FAMILIES = DECODERS + ["bert"]
+
+
+def batch(lengths=(9, 6), total=9, left=True, seed=1):
+    """Token ids and a 2D mask of sequences of ``lengths`` padded to ``total`` (left or right)."""
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1, VOCAB, (len(lengths), total), generator=gen)
+    mask = torch.zeros(len(lengths), total, dtype=torch.long)
+    for b, n in enumerate(lengths):
+        if left:
+            mask[b, total - n:] = 1
+        else:
+            mask[b, :n] = 1
+    return ids, mask
+
+
+def logits_of(model, ids, mask):
+    out = model(input_ids=ids, attention_mask=mask)
+    return out.logits
+
+
+def randomise(dpl, seed=3, alpha_scale=1.0, prompt_scale=0.5):
+    """Prompts and alpha of a visible size (the 0.02 initialisation hardly moves logits)."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in dpl.prompt_parameters():
+            p.copy_(torch.randn(p.shape, generator=gen) * prompt_scale)
+        for a in dpl.arch_parameters():
+            a.copy_(torch.randn(a.shape, generator=gen) * alpha_scale)
+
+
+# ---- the literal supernet --------------------------------------------------------------------------
+def literal_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """One eager attention of the model's own per candidate over [prefix_c ; keys], mixed by the weights."""
+    bank, _ = hf_lm._BOUND[module]
+    prompts, lengths, weights = bank.prompts_for(module, dtype=query.dtype)
+    eager = sys.modules[type(module).__module__].eager_attention_forward
+    out, start = 0, 0
+    for c, n in enumerate(lengths):
+        pk = prompts[0][None, :, start:start + n].expand(query.shape[0], -1, -1, -1)
+        pv = prompts[1][None, :, start:start + n].expand(query.shape[0], -1, -1, -1)
+        mask = attention_mask
+        if mask is not None:  # the prefix columns are visible to every query (additive 0)
+            visible = mask.new_zeros(*mask.shape[:-1], n)
+            mask = torch.cat([visible, mask], dim=-1)
+        out_c, _ = eager(module, query, torch.cat([pk, key], 2), torch.cat([pv, value], 2), mask,
+                         scaling=scaling, dropout=0.0)
+        out = out + weights[c] * out_c
+        start += n
+    return out, None
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _literal_registered():
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, eager_mask
+
+    AttentionInterface.register("fastdpl_literal", literal_attention)
+    AttentionMaskInterface.register("fastdpl_literal", eager_mask)
+
+
+def real_rows(mask):
+    return mask.bool()
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_search_equals_the_literal_supernet_with_gradients(family):
+    """Logits, prompt gradients and alpha gradients of the fused search equal the literal supernet
+    (padded batch; loss on the real rows only)."""
+    model = tiny(family)
+    ids, mask = batch()
+    dpl = FastDPLPrefix(model, candidate_lengths=LENGTHS)
+    randomise(dpl)
+
+    def run():
+        out = logits_of(model, ids, mask)
+        if out.dim() == 3:
+            out = out[real_rows(mask)]
+        grads = torch.autograd.grad(out.square().mean(), dpl.prompt_parameters() + dpl.arch_parameters())
+        return out.detach(), grads
+
+    fused, fused_grads = run()
+    model.set_attn_implementation("fastdpl_literal")
+    literal, literal_grads = run()
+    torch.testing.assert_close(fused, literal, rtol=1e-5, atol=1e-5)
+    for a, b in zip(fused_grads, literal_grads):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_alpha_on_length_zero_gives_the_base_model(family):
+    model = tiny(family)
+    ids, mask = batch(left=family != "bert")
+    with torch.no_grad():
+        base = logits_of(model, ids, mask)
+    dpl = FastDPLPrefix(model, candidate_lengths=LENGTHS)
+    randomise(dpl)
+    with torch.no_grad():
+        for a in dpl.arch_parameters():
+            a.copy_(torch.tensor([[1e4, 0.0, 0.0]]).expand_as(a))
+        ours = logits_of(model, ids, mask)
+        zero = FastDPLPrefix(tiny(family), mode="fixed", config=PromptConfig({"decoder": (0, 0, 0)},
+                                                                           stacks=("decoder",)))
+        fixed_zero = logits_of(zero.model, ids, mask)
+    rows = real_rows(mask) if base.dim() == 3 else slice(None)
+    torch.testing.assert_close(ours[rows], base[rows], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(fixed_zero[rows], base[rows], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", DECODERS)
+@pytest.mark.parametrize("left", [True, False], ids=["left", "right"])
+def test_padded_batches_give_the_unpadded_rows(family, left):
+    """Each real row of a padded batch equals that sequence run alone. The real tokens keep positions
+    0..L-1 (the prefix keys carry none, so a query's absolute position matters even under rotary
+    embeddings): a left-padded batch passes position ids counted from its first real token, as
+    ``generate`` does."""
+    model = tiny(family)
+    dpl = FastDPLPrefix(model, candidate_lengths=LENGTHS)
+    randomise(dpl)
+    ids, mask = batch(lengths=(9, 5), left=left)
+    positions = (mask.cumsum(-1) - 1).clamp_min(0)
+    with torch.no_grad():
+        padded = model(input_ids=ids, attention_mask=mask, position_ids=positions).logits
+        for b in range(2):
+            alone = model(input_ids=ids[b][mask[b].bool()][None]).logits
+            torch.testing.assert_close(padded[b][mask[b].bool()], alone[0], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3", "gpt2"])
+def test_cached_greedy_decoding_equals_the_uncached_forward(family):
+    """generate with the cache (prefixes out of it) gives the tokens of generate without a cache,
+    for a left-padded batch."""
+    model = tiny(family)
+    model.generation_config.pad_token_id = 0
+    dpl = FastDPLPrefix(model, candidate_lengths=LENGTHS)
+    randomise(dpl, prompt_scale=1.0)
+    ids, mask = batch(lengths=(7, 4), total=7, left=True)
+    kwargs = dict(input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=False)
+    cached = dpl.generate(**kwargs)
+    uncached = dpl.generate(**kwargs, use_cache=False)
+    assert torch.equal(cached, uncached)
+
+
+def test_fixed_mode_uses_one_prefix_per_layer_and_state_round_trips(tmp_path):
+    model = tiny("llama")
+    config = PromptConfig({"decoder": (4, 0, 2)}, stacks=("decoder",))
+    dpl = FastDPLPrefix(model, mode="fixed", config=config)
+    assert [tuple(p.shape) for p in dpl.prompt_parameters()] == [(2, 2, 4, 8), (2, 2, 2, 8)]
+    assert dpl.arch_parameters() == [] and dpl.derive_config() == config
+    randomise(dpl)
+    ids, mask = batch()
+    with torch.no_grad():
+        expected = logits_of(model, ids, mask)
+    state = dpl.prompt_state_dict()
+    torch.save(state, tmp_path / "prompts.pt")
+    other = FastDPLPrefix(tiny("llama"), mode="fixed", config=config)
+    other.load_prompt_state_dict(torch.load(tmp_path / "prompts.pt"))
+    with torch.no_grad():
+        torch.testing.assert_close(logits_of(other.model, ids, mask), expected)
+
+
+def test_detach_restores_the_base_model():
+    model = tiny("llama")
+    ids, mask = batch()
+    with torch.no_grad():
+        base = logits_of(model, ids, mask)
+    dpl = FastDPLPrefix(model)
+    randomise(dpl)
+    assert dpl.detach() is model and model.config._attn_implementation != "fastdpl"
+    with torch.no_grad():
+        torch.testing.assert_close(logits_of(model, ids, mask), base)
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    model = tiny("llama")
+    dpl = FastDPLPrefix(model, candidate_lengths=LENGTHS)
+    randomise(dpl)
+    ids, mask = batch()
+    model.train()
+
+    def grads():
+        loss = model(input_ids=ids, attention_mask=mask, labels=ids).loss
+        return torch.autograd.grad(loss, dpl.prompt_parameters() + dpl.arch_parameters())
+
+    plain = grads()
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2x's name
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    assert model.is_gradient_checkpointing
+    for a, b in zip(grads(), plain):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
+# ---- refused by name ------------------------------------------------------------------------------
+def test_sliding_window_is_exact_within_the_window_and_refused_beyond():
+    ids, mask = batch(lengths=(9, 9))
+    short = FastDPLPrefix(tiny("mistral", window=16), candidate_lengths=LENGTHS)
+    logits_of(short.model, ids, mask)  # the window covers the sequence: runs
+    narrow = FastDPLPrefix(tiny("mistral", window=4), candidate_lengths=LENGTHS)
+    with pytest.raises(NotImplementedError, match="sliding window shorter than the sequence"):
+        logits_of(narrow.model, ids, mask)
+
+
+def test_attention_dropout_in_training_is_refused():
+    model = tiny("llama")
+    for _, module in hf_lm.attention_modules(model):
+        module.attention_dropout = 0.1  # as LlamaConfig(attention_dropout=0.1) builds it
+    FastDPLPrefix(model)
+    model.train()
+    with pytest.raises(NotImplementedError, match="no attention dropout"):
+        logits_of(model, *batch())
+
+
+def test_logit_softcapping_is_refused():
+    config = transformers.Gemma2Config(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                       num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                                       attn_logit_softcapping=50.0)
+    with pytest.raises(UnsupportedModelError, match="softcapping"):
+        FastDPLPrefix(transformers.Gemma2ForCausalLM(config))
+
+
+def test_a_model_outside_the_registry_is_refused():
+    with pytest.raises(UnsupportedModelError, match="not a Hugging Face transformers model"):
+        FastDPLPrefix(torch.nn.Linear(3, 3))
+
+
+def test_unbound_module_under_fastdpl_attention_is_named():
+    model = tiny("llama")
+    dpl = FastDPLPrefix(model)
+    hf_lm.unbind(dpl.bank.stacks["decoder"].blocks)
+    with pytest.raises(RuntimeError, match="no fastdpl prompts are bound"):
+        logits_of(model, *batch())
+
+
+def test_readme_language_model_block_runs():
+    """The README's FastDPLPrefix block runs as written and searches something: alpha moved and
+    the fixed subnet generates."""
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    marker = text.index("<!-- this block is run by tests/test_lm.py -->")
+    code = re.search(r"```python\n(.*?)```", text[marker:], re.S).group(1)
+    namespace = {}
+    exec(compile(code, "README.md", "exec"), namespace)
+    dpl, subnet = namespace["dpl"], namespace["subnet"]
+    assert max(a.abs().max().item() for a in dpl.arch_parameters()) > 5e-3
+    assert subnet.derive_config() == namespace["config"] and namespace["tokens"].shape == (1, 13)
