@@ -1,7 +1,7 @@
 """FastDPLPrefix on tiny random Hugging Face models of every family that dispatches through
 transformers' attention registry: Llama (grouped-query), Qwen2 (q/k/v biases), Qwen3 (q/k norms,
 head dim other than hidden / heads), Mistral (sliding window), GPT-2 (absolute positions) and
-BERT sequence classification (bidirectional).
+BERT and RoBERTa sequence classification (bidirectional: P-tuning v2's own setting).
 
 The oracle is a literal supernet written here against each model's own ``eager_attention_forward``:
 per layer and candidate, the candidate's prefix concatenated before the keys and values, the
@@ -50,6 +50,11 @@ def tiny(family: str, **overrides):
                                          intermediate_size=64, max_position_embeddings=64, num_labels=3,
                                          attention_probs_dropout_prob=0.0, hidden_dropout_prob=0.0)
         model = transformers.BertForSequenceClassification(config)
+    elif family == "roberta":
+        config = transformers.RobertaConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
+                                            intermediate_size=64, max_position_embeddings=70, num_labels=2,
+                                            attention_probs_dropout_prob=0.0, hidden_dropout_prob=0.0)
+        model = transformers.RobertaForSequenceClassification(config)
     else:
         raise ValueError(family)
     for name, value in overrides.items():
@@ -58,7 +63,7 @@ def tiny(family: str, **overrides):
 
 
 DECODERS = ["llama", "qwen2", "qwen3", "mistral", "gpt2"]
-FAMILIES = DECODERS + ["bert"]
+FAMILIES = DECODERS + ["bert", "roberta"]
 
 
 def batch(lengths=(9, 6), total=9, left=True, seed=1):
@@ -150,7 +155,7 @@ def test_search_equals_the_literal_supernet_with_gradients(family):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_alpha_on_length_zero_gives_the_base_model(family):
     model = tiny(family)
-    ids, mask = batch(left=family != "bert")
+    ids, mask = batch(left=family not in ("bert", "roberta"))
     with torch.no_grad():
         base = logits_of(model, ids, mask)
     dpl = FastDPLPrefix(model, candidate_lengths=LENGTHS)
@@ -307,3 +312,97 @@ def test_readme_language_model_block_runs():
     dpl, subnet = namespace["dpl"], namespace["subnet"]
     assert max(a.abs().max().item() for a in dpl.arch_parameters()) > 5e-3
     assert subnet.derive_config() == namespace["config"] and namespace["tokens"].shape == (1, 13)
+
+
+# ---- PEFT prefix tuning as the oracle -------------------------------------------------------------
+@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3", "mistral"])
+def test_from_peft_gives_peffts_own_logits_and_prompt_gradient_norm(family, tmp_path):
+    """A PEFT prefix-tuning adapter imported with from_peft: PEFT's own logits (its prefix in the
+    cache, tokens shifted to n..n+L-1) equal fastdpl's (keys R(-n) k_peft, tokens at 0..L-1), and so
+    does the norm of the prompt gradient (the rotation is orthogonal)."""
+    peft = pytest.importorskip("peft")
+    import copy
+
+    base = tiny(family)
+    peft_model = peft.get_peft_model(copy.deepcopy(base), peft.PrefixTuningConfig(task_type="CAUSAL_LM",
+                                                                                  num_virtual_tokens=5))
+    embedding = peft_model.prompt_encoder["default"].embedding.weight
+    with torch.no_grad():
+        embedding.copy_(torch.randn(embedding.shape, generator=torch.Generator().manual_seed(4)))
+    ids, mask = batch(lengths=(9, 6), left=False)
+    expected = peft_model(input_ids=ids, attention_mask=mask).logits
+    (expected_grad,) = torch.autograd.grad(expected[mask.bool()].square().mean(), embedding)
+    peft_model.save_pretrained(tmp_path)
+
+    dpl = FastDPLPrefix.from_peft(base, tmp_path)
+    assert dpl.derive_config().lengths["decoder"] == (5, 5, 5)
+    actual = logits_of(base, ids, mask)
+    grads = torch.autograd.grad(actual[mask.bool()].square().mean(), dpl.prompt_parameters())
+    torch.testing.assert_close(actual[mask.bool()], expected[mask.bool()], rtol=1e-5, atol=1e-5)
+    norm = torch.stack([g.norm() for g in grads]).norm()
+    torch.testing.assert_close(norm, expected_grad.norm(), rtol=1e-5, atol=0)
+
+
+def test_from_peft_refuses_absolute_positions_and_other_adapters(tmp_path):
+    peft = pytest.importorskip("peft")
+    import copy
+
+    gpt2 = tiny("gpt2")
+    peft.get_peft_model(copy.deepcopy(gpt2), peft.PrefixTuningConfig(task_type="CAUSAL_LM",
+                                                                      num_virtual_tokens=3)).save_pretrained(tmp_path)
+    with pytest.raises(UnsupportedModelError, match="no rotary embedding"):
+        FastDPLPrefix.from_peft(gpt2, tmp_path)
+    with pytest.raises(ValueError, match="prompt_embeddings has shape"):
+        FastDPLPrefix.from_peft(tiny("llama"), tmp_path)
+    with pytest.raises(ValueError, match="no adapter_config.json"):
+        FastDPLPrefix.from_peft(tiny("llama"), tmp_path / "missing")
+
+
+def test_a_uniform_configuration_exports_to_peft_and_back(tmp_path):
+    """to_peft writes an adapter PEFT loads with its own from_pretrained and whose logits are
+    fastdpl's; from_peft reads it back to the same prefixes. Non-uniform configurations and an
+    occupied folder are refused."""
+    peft = pytest.importorskip("peft")
+    import copy
+
+    base = tiny("llama")
+    peft_base = copy.deepcopy(base)
+    dpl = FastDPLPrefix(base, mode="fixed", config=PromptConfig({"decoder": (4, 4, 4)}, stacks=("decoder",)))
+    randomise(dpl)
+    ids, mask = batch(lengths=(9, 7), left=False)
+    with torch.no_grad():
+        ours = logits_of(base, ids, mask)
+    dpl.to_peft(tmp_path / "adapter")
+    loaded = peft.PeftModel.from_pretrained(peft_base, tmp_path / "adapter")
+    with torch.no_grad():
+        theirs = loaded(input_ids=ids, attention_mask=mask).logits
+    torch.testing.assert_close(theirs[mask.bool()], ours[mask.bool()], rtol=1e-5, atol=1e-5)
+    back = FastDPLPrefix.from_peft(tiny("llama"), tmp_path / "adapter")
+    for a, b in zip(back.prompt_parameters(), dpl.prompt_parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    with pytest.raises(FileExistsError, match="already holds an adapter"):
+        dpl.to_peft(tmp_path / "adapter")
+    mixed = FastDPLPrefix(tiny("llama"), mode="fixed", config=PromptConfig({"decoder": (4, 0, 2)},
+                                                                          stacks=("decoder",)))
+    with pytest.raises(ValueError, match="one length > 0 in every layer"):
+        mixed.to_peft(tmp_path / "other")
+
+
+@pytest.mark.parametrize("mode", ["search", "fixed"])
+def test_save_and_load_a_run_folder(mode, tmp_path):
+    config = PromptConfig({"decoder": (2, 0, 5)}, stacks=("decoder",)) if mode == "fixed" else None
+    dpl = FastDPLPrefix(tiny("qwen3"), mode=mode, candidate_lengths=LENGTHS, config=config)
+    randomise(dpl)
+    ids, mask = batch()
+    with torch.no_grad():
+        expected = logits_of(dpl.model, ids, mask)
+    dpl.save(tmp_path / "run")
+    back = FastDPLPrefix.load(tiny("qwen3"), tmp_path / "run")
+    assert back.mode == mode and back.derive_config() == dpl.derive_config()
+    with torch.no_grad():
+        torch.testing.assert_close(logits_of(back.model, ids, mask), expected)
+    with pytest.raises(ValueError, match="not a folder written by FastDPLPrefix.save"):
+        FastDPLPrefix.load(tiny("qwen3"), tmp_path)
+    with pytest.raises(ValueError, match="stack 'decoder'"):
+        FastDPLPrefix.load(other := tiny("llama"), tmp_path / "run")  # other head dims: named, nothing copied
+    assert other.config._attn_implementation != "fastdpl"

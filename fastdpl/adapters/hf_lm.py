@@ -176,3 +176,78 @@ def fastdpl_attention(module, query, key, value, attention_mask, scaling=None, d
     out = mixture_prefix_attention(query, key, value, prompts[0], prompts[1], lengths, weights,
                                    causal=bool(module.is_causal), impl=impl, scale=scaling, key_mask=key_mask)
     return out.transpose(1, 2), None
+
+
+# ---- PEFT prefix-tuning adapters ------------------------------------------------------------------
+def read_peft_prefix(folder, kv_heads: int, head_dim: int, layers: int):
+    """The per-layer (2, H_kv, n, head_dim) prefixes of a PEFT prefix-tuning adapter folder (what
+    ``save_pretrained`` writes), as PEFT lays them into its cache: its ``prompt_embeddings`` (n,
+    layers * 2 * H_kv * head_dim) viewed as (n, layers * 2, H_kv, head_dim), keys of layer l at 2l,
+    values at 2l + 1. ValueError naming the file or field that does not fit."""
+    import json
+    from pathlib import Path
+
+    folder = Path(folder)
+    config_path = folder / "adapter_config.json"
+    if not config_path.is_file():
+        raise ValueError(f"{folder}: no adapter_config.json (not a PEFT adapter folder)")
+    config = json.loads(config_path.read_text())
+    if config.get("peft_type") != "PREFIX_TUNING":
+        raise ValueError(f"{config_path}: peft_type is {config.get('peft_type')!r}, not 'PREFIX_TUNING'")
+    if config.get("prefix_projection"):
+        raise ValueError(f"{config_path}: prefix_projection=True (an MLP reparametrisation) is not supported; "
+                         "merge it into the prefix first (export with prefix_projection=False)")
+    weights = _load_peft_weights(folder)["prompt_embeddings"]
+    n = int(config["num_virtual_tokens"])
+    expected = (n, layers * 2 * kv_heads * head_dim)
+    if tuple(weights.shape) != expected:
+        raise ValueError(f"{folder}: prompt_embeddings has shape {tuple(weights.shape)}, this model needs {expected} "
+                         f"({layers} layers x keys and values x {kv_heads} key/value heads x head dim {head_dim})")
+    per_layer = weights.float().view(n, layers, 2, kv_heads, head_dim).permute(1, 2, 3, 0, 4)
+    return n, list(per_layer.unbind(0))
+
+
+def _load_peft_weights(folder):
+    safetensors_file, bin_file = folder / "adapter_model.safetensors", folder / "adapter_model.bin"
+    if safetensors_file.is_file():
+        from safetensors.torch import load_file
+
+        return load_file(str(safetensors_file))
+    if bin_file.is_file():
+        return torch.load(bin_file, map_location="cpu", weights_only=True)
+    raise ValueError(f"{folder}: no adapter_model.safetensors or adapter_model.bin")
+
+
+def rotate_keys(model: nn.Module, module: nn.Module, keys: torch.Tensor, position: int) -> torch.Tensor:
+    """(H_kv, n, head_dim) keys rotated by the model's rotary embedding as if at ``position``:
+    R(position) k. UnsupportedModelError for a model without one (absolute positions: GPT-2) or
+    whose rotary embedding also scales (its cos/sin are then not a rotation)."""
+    import sys
+
+    rotary = next((m for m in model.modules() if type(m).__name__.endswith("RotaryEmbedding")), None)
+    apply = getattr(sys.modules[type(module).__module__], "apply_rotary_pos_emb", None)
+    if rotary is None or apply is None:
+        raise UnsupportedModelError(f"{type(model).__name__} has no rotary embedding: a PEFT prefix shifts its "
+                                    "tokens' absolute positions, which no fastdpl prefix reproduces")
+    if getattr(rotary, "attention_scaling", 1.0) != 1.0:
+        raise UnsupportedModelError(f"{type(model).__name__}: its rotary embedding scales by "
+                                    f"{rotary.attention_scaling} (not a pure rotation)")
+    x = keys[None].float()  # the rotation in fp32 whatever the model dtype: the prefix is a parameter
+    positions = torch.full((1, keys.shape[1]), position, dtype=torch.long, device=keys.device)
+    cos, sin = rotary(x, positions)
+    _, rotated = apply(x, x, cos, sin)
+    return rotated[0].to(keys.dtype)
+
+
+def peft_prefix_files(prefixes, kv_heads: int, head_dim: int, task_type: str, base_model=None):
+    """(adapter_config.json's dict, prompt_embeddings) of a PEFT prefix-tuning adapter holding the
+    per-layer (2, H_kv, n, head_dim) prefixes in PEFT's cache layout (read_peft_prefix's inverse)."""
+    n, layers = prefixes[0].shape[2], len(prefixes)
+    stacked = torch.stack([p.detach().float().cpu() for p in prefixes])          # (L, 2, H_kv, n, D)
+    weights = stacked.permute(3, 0, 1, 2, 4).reshape(n, layers * 2 * kv_heads * head_dim).contiguous()
+    token_dim = kv_heads * head_dim
+    config = {"peft_type": "PREFIX_TUNING", "task_type": task_type, "num_virtual_tokens": n, "num_layers": layers,
+              "token_dim": token_dim, "num_attention_heads": kv_heads, "encoder_hidden_size": token_dim,
+              "num_transformer_submodules": 1, "prefix_projection": False, "inference_mode": True,
+              "base_model_name_or_path": base_model, "revision": None, "modules_to_save": None, "auto_mapping": None}
+    return config, weights
