@@ -110,9 +110,12 @@ class FastDPLPrefix(BankHolder, nn.Module):
                                                   getattr(self.model.config, "_name_or_path", None) or None)
         _write_adapter(Path(folder), config, weights)
 
-    def forward(self, *args, **kwargs):
-        """The model's own forward (logits, loss with ``labels=``, cache) with the prefixes."""
-        return self.model(*args, **kwargs)
+    def forward(self, input_ids=None, attention_mask=None, labels=None, **kwargs):
+        """The model's own forward (logits, loss with ``labels=``, cache) with the prefixes. The named
+        arguments are what the HF Trainer keeps of a batch (it drops columns forward does not name)."""
+        if labels is not None:
+            kwargs["labels"] = labels
+        return self.model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
 
     def generate(self, *args, **kwargs):
         return self.model.generate(*args, **kwargs)

@@ -406,3 +406,21 @@ def test_save_and_load_a_run_folder(mode, tmp_path):
     with pytest.raises(ValueError, match="stack 'decoder'"):
         FastDPLPrefix.load(other := tiny("llama"), tmp_path / "run")  # other head dims: named, nothing copied
     assert other.config._attn_implementation != "fastdpl"
+
+
+def test_hf_trainer_retrains_a_fixed_configuration(tmp_path):
+    """The train stage in the HF Trainer: it keeps the batch columns forward names, trains the
+    prefixes only (the model stays frozen) and its state_dict is the prefixes."""
+    model = tiny("llama")
+    frozen = {k: v.clone() for k, v in model.state_dict().items()}
+    dpl = FastDPLPrefix(model, mode="fixed", config=PromptConfig({"decoder": (2, 0, 5)}, stacks=("decoder",)))
+    ids, mask = batch(lengths=(9, 7, 9, 5), total=9, left=False)
+    data = [dict(input_ids=ids[i], attention_mask=mask[i], labels=ids[i].masked_fill(mask[i] == 0, -100))
+            for i in range(4)]
+    before = [p.detach().clone() for p in dpl.prompt_parameters()]
+    args = transformers.TrainingArguments(output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=2,
+                                          learning_rate=1e-2, report_to=[], save_strategy="no", use_cpu=True)
+    transformers.Trainer(model=dpl, args=args, train_dataset=data).train()
+    assert all(not torch.equal(a, b) for a, b in zip(before, dpl.prompt_parameters()))
+    assert all(torch.equal(v, frozen[k]) for k, v in model.state_dict().items())
+    assert set(dpl.state_dict()) == {f"bank.prompts.{k}" for k in dpl.bank.prompts}
