@@ -191,13 +191,15 @@ def test_padded_batches_give_the_unpadded_rows(family, left):
             torch.testing.assert_close(padded[b][mask[b].bool()], alone[0], rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("mode", ["search", "fixed"])
 @pytest.mark.parametrize("family", ["llama", "qwen3", "gpt2"])
-def test_cached_greedy_decoding_equals_the_uncached_forward(family):
+def test_cached_greedy_decoding_equals_the_uncached_forward(family, mode):
     """generate with the cache (prefixes out of it) gives the tokens of generate without a cache,
-    for a left-padded batch."""
+    for a left-padded batch, with searched (mixed) or fixed prefixes."""
     model = tiny(family)
     model.generation_config.pad_token_id = 0
-    dpl = FastDPLPrefix(model, candidate_lengths=LENGTHS)
+    config = PromptConfig({"decoder": (5, 0, 2)}, stacks=("decoder",)) if mode == "fixed" else None
+    dpl = FastDPLPrefix(model, mode=mode, candidate_lengths=LENGTHS, config=config)
     randomise(dpl, prompt_scale=1.0)
     ids, mask = batch(lengths=(7, 4), total=7, left=True)
     kwargs = dict(input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=False)
