@@ -7,6 +7,7 @@ against torch alone: it expands the key/value heads with ``repeat_interleave`` (
 ``repeat_kv`` order), builds each candidate's visibility by hand and runs a float64 softmax per
 candidate; it is itself checked against torch's SDPA. Inputs are fresh random draws per case.
 """
+import functools
 import zlib
 from dataclasses import dataclass
 
@@ -110,10 +111,11 @@ def oracle64(case, tensors, grad_out):
                                                materialize_grads=True)]
 
 
-def run(case, tensors, grad_out, impl):
+def run(case, tensors, grad_out, impl, key_mask="case"):
     q, k, v, pk, pv, w = tensors
+    key_mask = key_mask_for(case, q.device) if isinstance(key_mask, str) else key_mask
     out = mixture_prefix_attention(q, k, v, pk, pv, case.lengths, w, case.causal, impl, scale=case.scale,
-                                   key_mask=key_mask_for(case, q.device))
+                                   key_mask=key_mask)
     return [out.detach(), *torch.autograd.grad(out, tensors, grad_out, allow_unused=True, materialize_grads=True)]
 
 
@@ -226,6 +228,55 @@ def test_triton_grouped_query_attention_is_deterministic():
         assert torch.equal(a, b), f"{name} differs between two runs"
 
 
+@pytest.mark.parametrize("impl", ["reference", "eager", pytest.param("triton", marks=needs_triton)])
+def test_a_sequence_with_no_real_key_attends_to_the_prompts_alone(impl):
+    """Every key of the last sequence is padding: its rows are sum_{n_c > 0} w_c softmax(q pk_c^T) pv_c,
+    written out here without the oracle; zero-length candidates add exactly nothing."""
+    case = LMCase(3, 4, 2, 6, 6, 16, (0, 3, 0, 4), causal=False, padding="right")
+    device = TRITON_DEVICE if impl == "triton" else "cpu"
+    tensors, grad_out = make_inputs(case, torch.float32, device, seed=9)
+    actual = run(case, tensors, grad_out, impl)
+    assert all(torch.isfinite(a).all() for a in actual)
+    q, _, _, pk, pv, w = (t.detach().cpu().double() for t in tensors)
+    pk, pv = pk.repeat_interleave(2, 0), pv.repeat_interleave(2, 0)
+    expected, start = torch.zeros_like(q[-1]), 0
+    for c, n in enumerate(case.lengths):
+        if n:
+            scores = q[-1] @ pk[:, start:start + n].transpose(-1, -2) * case.head_dim ** -0.5
+            expected += w[c] * torch.softmax(scores, -1) @ pv[:, start:start + n]
+        start += n
+    assert_matches(actual[0][-1], expected, TOLERANCE[torch.float32], f"{impl}/no-key sequence")
+
+
+@needs_triton
+def test_triton_decoding_gives_the_last_rows_of_full_causal_attention():
+    """Queries = the last N of N_k keys (a step after a cache) equal those rows of the N_k x N_k call."""
+    case = LMCase(2, 4, 2, 40, 40, 16, (0, 3, 5), scale=0.3, padding="left")
+    tensors, _ = make_inputs(case, torch.float32, TRITON_DEVICE, seed=6)
+    q, k, v, pk, pv, w = (t.detach() for t in tensors)
+    mask = key_mask_for(case, TRITON_DEVICE)
+    call = functools.partial(mixture_prefix_attention, candidate_lengths=case.lengths, weights=w, causal=True,
+                             impl="triton", scale=0.3, key_mask=mask)
+    whole = call(q, k, v, pk, pv)
+    for n in (1, 7):
+        assert_matches(call(q[:, :, -n:], k, v, pk, pv), whole[:, :, -n:], TOLERANCE[torch.float32], f"last {n}")
+
+
+@needs_triton
+def test_triton_reads_strided_key_masks():
+    """A broadcast (stride 0) mask and a strided view give exactly what their contiguous copies give."""
+    case = LMCase(2, 4, 2, 9, 24, 16, (0, 4))
+    tensors, grad_out = make_inputs(case, torch.float32, TRITON_DEVICE, seed=8)
+    row = torch.arange(24, device=TRITON_DEVICE) % 3 != 1
+    wide = torch.stack([row, ~row], 0).repeat_interleave(2, 1)
+    for view in (row[None].expand(2, -1), wide[:, ::2]):
+        assert not view.is_contiguous()
+        got, want = (run(case, tensors, grad_out, "triton", key_mask=m)
+                     for m in (view, view.contiguous()))
+        for name, a, b in zip(NAMES, got, want):
+            assert torch.equal(a, b), f"{name} depends on the key_mask's strides"
+
+
 # ---- the registered op and torch.compile ---------------------------------------------------------
 @needs_triton
 def test_opcheck_with_grouped_heads_a_cache_offset_and_a_key_mask():
@@ -304,6 +355,12 @@ BAD = [
     ("scale must be a finite positive number", ValueError, lambda t: _call(*t, scale=0.0)),
     ("scale must be a finite positive number", ValueError, lambda t: _call(*t, scale=float("nan"))),
     ("scale must be a finite positive number", ValueError, lambda t: _call(*t, scale="0.1")),
+    ("scale must be a finite positive number", ValueError, lambda t: _call(*t, scale=float("-inf"))),
+    ("scale must be a finite positive number", (TypeError, ValueError), lambda t: _call(*t, scale=True)),
+    ("key_mask must be a bool tensor", TypeError,
+     lambda t: _call(*t, key_mask=torch.ones(2, 9, dtype=torch.uint8))),
+    ("key_mask must have shape \\(B, N_k\\)", ValueError,
+     lambda t: _call(*t, key_mask=torch.ones(2, 1, 1, 9, dtype=torch.bool))),
 ]
 
 
@@ -317,3 +374,8 @@ def test_non_causal_allows_more_queries_than_keys():
     t = _good()
     out = _call(torch.randn(2, 4, 12, 16), *t[1:], causal=False)
     assert out.shape == (2, 4, 12, 16)
+
+
+def test_an_integer_scale_is_the_same_real_number():
+    t = _good()
+    assert torch.equal(_call(*t, scale=1), _call(*t, scale=1.0))
