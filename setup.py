@@ -36,11 +36,13 @@ setup(
     ],
     extras_require={
         "test": ["pytest>=8", "pytest-benchmark>=4", "tensorboard>=2.14", "transformers>=5.0",
-                 "peft>=0.17"],  # peft: the oracle of FastDPLPrefix.from_peft / to_peft
+                 "peft>=0.17",  # peft: the oracle of FastDPLPrefix.from_peft / to_peft
+                 "datasets>=2.14"],  # the save_to_disk folders of `fastdpl lm`
         "tensorboard": ["tensorboard>=2.14"],  # TensorBoard events beside each stage's metrics.jsonl
         "hf": ["transformers>=4.40"],  # Hugging Face CLIPModel backbones (fastdpl.adapters.hf_clip)
         # Language models (fastdpl.lm): transformers 5's attention and mask registries
         "lm": ["transformers>=5.0", "safetensors>=0.4"],
+        "text": ["datasets>=2.14"],  # `fastdpl lm` reading datasets' save_to_disk folders
     },
     entry_points={"console_scripts": ["fastdpl=fastdpl.cli:main"]},
 )

@@ -12,8 +12,9 @@
 #   2. the kernel tests, compiled (no interpreter), in parallel -> tests.log, tests.xml
 #   3. the compiled-code check on this very GPU (every launch the launcher can choose:
 #      registers, spills, shared memory, tensor-core dots) -> compiled.json / .md
-#   4. the op, block, step and TPT suites at GPU shapes in bf16, against every peer
-#      (SDPA per backend, FlexAttention, xformers, the literal loops) -> <prefix>-<level>.json/.md/.png
+#   4. the op, block, step, TPT, CoCoOp and language-model step suites at GPU shapes in bf16, against
+#      every peer (SDPA per backend, FlexAttention, xformers, PEFT, the literal loops)
+#      -> <prefix>-<level>.json/.md/.png
 #   5. the targets, as ratios measured side by side -> <prefix>-targets.json / .md
 # Results are named <date>-<gpu>-<level>.* so they can be committed to benchmarks/results/ as they are.
 set -uo pipefail
@@ -94,8 +95,11 @@ if [ $smoke -eq 0 ]; then
     --shapes b16-64v-1000cls --out "$out/$prefix-tpt.json"
   step cocoop 90 $PY -m fastdpl.cli bench cocoop --device cuda --dtype bfloat16 --repeats 5 \
     --out "$out/$prefix-cocoop.json"
+  # 150 s: per shape three Llama-3.2-1B-shaped models built on the GPU (seconds), the op's first
+  # launches at B=4, N=512/2048, and 3 providers x 8 steps (literal ~3x a 0.2-0.6 s step, estimated).
+  step lm 150 $PY -m fastdpl.cli bench lm --device cuda --dtype bfloat16 --repeats 5 --out "$out/$prefix-lm.json"
 else
-  for level_name in op block step tpt cocoop; do
+  for level_name in op block step tpt cocoop lm; do
     step "$level_name" 300 $PY -m fastdpl.cli bench "$level_name" --device cpu --smoke --out "$out/$prefix-$level_name.json"
   done
 fi

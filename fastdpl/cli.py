@@ -7,7 +7,9 @@
     fastdpl check-data --dataset NAME --root DIR
     fastdpl import-alpha AUTHORS_OUTPUT [--epoch E] --out prompt_config.json   the authors' searched alpha
     fastdpl datasets                  the datasets and the folders they need
-    fastdpl bench [op|block|step|tpt|cocoop] [options]  benchmarks
+    fastdpl bench [op|block|step|tpt|cocoop|lm] [options]  benchmarks
+    fastdpl lm search|train|eval --model DIR --train F --val F --test F   language models (prefix lengths)
+    fastdpl lm report RUN_DIRS... --out results/lm
 
 Every setting of the stages is a flag (``fastdpl search --help``); defaults are
 the paper's. Under ``torchrun --nproc_per_node N`` the stages run data parallel.
@@ -36,8 +38,10 @@ def _stage_parsers(sub) -> None:
             default = ("<output>/train/prompts.pt" if stage == "eval"
                        else "none: zero-shot CLIP with a learnable context")
             parser.add_argument("--prompts", help=f"prompts file (default: {default})")
-    demo = sub.add_parser("demo", help="offline demo on the built-in tiny CLIP and digits")
-    demo.add_argument("--output", default="runs/demo")
+    demo = sub.add_parser("demo", help="offline demo: the built-in tiny CLIP and digits; `demo lm`: the tiny LM")
+    demo.add_argument("family", nargs="?", default="clip", choices=["clip", "lm"],
+                      help="clip (default): DPL, CoOp, CoCoOp, TPT on digits; lm: prefix lengths on the tiny LM")
+    demo.add_argument("--output", help="run folder (default: runs/demo, or runs/demo-lm)")
     demo.add_argument("--no-progress", action="store_true")
     report = sub.add_parser("report", help="mean ± 95%% CI tables over many runs (markdown and CSV)")
     report.add_argument("runs", nargs="+", help="run folders or results.json files")
@@ -53,11 +57,61 @@ def _stage_parsers(sub) -> None:
     alpha.add_argument("--not-swapped", action="store_true",
                        help="the files are named for what they hold (a corrected copy of their code)")
     alpha.add_argument("--out", default="prompt_config.json", help="where to write the configuration")
+    _lm_parsers(sub)
     check = sub.add_parser("check-data", help="validate a dataset root")
     check.add_argument("--dataset", required=True)
     check.add_argument("--root")
     check.add_argument("--shots", type=int, default=16)
     check.add_argument("--no-images", action="store_true", help="skip opening every image")
+
+
+LM_HELPS = {"search": "DPL search of per-layer prefix lengths (supernet): alpha on --val, prefixes on --train",
+            "train": "train fresh prefixes of a configuration (default: the search's) and evaluate them on --test",
+            "eval": "evaluate saved prefixes (default: <output>/train; none: the base model) on --test"}
+
+
+def _lm_parsers(sub) -> None:
+    from .pipeline.config import add_config_arguments
+    from .pipeline.lm_config import LM_STAGES, LMConfig
+
+    lm = sub.add_parser("lm", help="language models: DPL's prefix-length search on a local Hugging Face causal LM",
+                        description="The language-model protocol: search, train, eval, report (docs/language-models.md)")
+    stages = lm.add_subparsers(dest="lm_command", required=True)
+    for stage in LM_STAGES:
+        parser = stages.add_parser(stage, help=LM_HELPS[stage], description=LM_HELPS[stage])
+        # every stage takes every setting: one set of flags runs the whole protocol (a stage
+        # ignores the others' own settings, as it does when they come from --config)
+        add_config_arguments(parser, None, LMConfig.SCHEMA)
+        if stage == "eval":
+            parser.add_argument("--prefixes", help="a folder FastDPLPrefix.save wrote (default: <output>/train), "
+                                "or none (the base model)")
+    report = stages.add_parser("report", help="mean ± 95%% CI tables over many runs (markdown and CSV)")
+    report.add_argument("runs", nargs="+", help="run folders or results.json files")
+    report.add_argument("--out", default="report", help="output path without suffix (writes .md and .csv)")
+
+
+def _run_lm(args) -> int:
+    if args.lm_command == "report":
+        from .pipeline.report import report
+
+        md, csv_path = report(args.runs, args.out)
+        print(f"wrote {md} and {csv_path}")
+        return 0
+    from .pipeline import lm
+    from .pipeline.lm_config import resolve_lm_config
+
+    cfg = resolve_lm_config(args)
+    if args.dry_run:
+        import yaml
+
+        print(f"# fastdpl lm {args.lm_command}: resolved settings (defaults, then --config, then flags)")
+        print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="")
+        return 0
+    if args.lm_command == "eval":
+        lm.run_eval(cfg, prefixes=args.prefixes)
+    else:
+        getattr(lm, f"run_{args.lm_command}")(cfg)
+    return 0
 
 
 def main(argv=None) -> int:
@@ -67,9 +121,9 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="fastdpl", description="Fast Differentiable Prompt Learning for CLIP")
     parser.add_argument("--version", action="version", version=f"fastdpl {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
-    bench = sub.add_parser("bench", help="benchmarks: op, block, step, tpt, cocoop (fastdpl bench op --help)",
+    bench = sub.add_parser("bench", help="benchmarks: op, block, step, tpt, cocoop, lm (fastdpl bench op --help)",
                            add_help=False)
-    bench.add_argument("suite", nargs="?", default="op", choices=["op", "block", "step", "tpt", "cocoop"])
+    bench.add_argument("suite", nargs="?", default="op", choices=["op", "block", "step", "tpt", "cocoop", "lm"])
     _stage_parsers(sub)
     if argv[:1] == ["bench"]:
         args, rest = parser.parse_known_args(argv)
@@ -79,8 +133,9 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     try:
         return _run(args)
-    except (ValueError, FileNotFoundError, FileExistsError, RuntimeError) as exc:
-        print(f"fastdpl {args.command}: error: {plain_message(exc)}", file=sys.stderr)
+    except (ValueError, FileNotFoundError, FileExistsError, RuntimeError, NotImplementedError) as exc:
+        command = f"lm {args.lm_command}" if args.command == "lm" else args.command
+        print(f"fastdpl {command}: error: {plain_message(exc)}", file=sys.stderr)
         return 2
 
 
@@ -97,6 +152,8 @@ def plain_message(exc: BaseException) -> str:
 
 
 def _run(args) -> int:
+    if args.command == "lm":
+        return _run_lm(args)
     if args.command in STAGES:
         from .pipeline import stages
         from .pipeline.config import resolve_config
@@ -113,10 +170,15 @@ def _run(args) -> int:
         else:
             getattr(stages, f"run_{args.command}")(cfg)
         return 0
+    if args.command == "demo" and args.family == "lm":
+        from .pipeline.demo_lm import demo_lm_config, run_demo_lm
+
+        run_demo_lm(demo_lm_config(output=args.output or "runs/demo-lm", progress=not args.no_progress))
+        return 0
     if args.command == "demo":
         from .pipeline.demo import demo_config, run_demo
 
-        run_demo(demo_config(output=args.output, progress=not args.no_progress))
+        run_demo(demo_config(output=args.output or "runs/demo", progress=not args.no_progress))
         return 0
     if args.command == "datasets":
         from .data.datasets import dataset_table

@@ -186,20 +186,12 @@ class FastDPLPrompt(BankHolder, nn.Module):
 
     # ---- the core's state, as this module's attributes -------------------------------------------------
     @property
-    def candidate_lengths(self):
-        return self.bank.candidate_lengths
-
-    @property
     def config(self):
         return self.bank.config
 
     @property
     def prompts(self) -> nn.ParameterDict:
         return self.bank.prompts
-
-    @property
-    def arch_logits(self) -> nn.ParameterDict:
-        return self.bank.arch_logits
 
     @property
     def prompted(self) -> dict:

@@ -97,7 +97,7 @@ def randomise(dpl, seed=3, alpha_scale=1.0, prompt_scale=0.5):
 # ---- the literal supernet --------------------------------------------------------------------------
 def literal_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     """One eager attention of the model's own per candidate over [prefix_c ; keys], mixed by the weights."""
-    bank, _ = hf_lm._BOUND[module]
+    bank, _ = hf_lm.bound(module)
     prompts, lengths, weights = bank.prompts_for(module, dtype=query.dtype)
     eager = sys.modules[type(module).__module__].eager_attention_forward
     out, start = 0, 0
@@ -298,6 +298,26 @@ def test_unbound_module_under_fastdpl_attention_is_named():
     hf_lm.unbind(dpl.bank.stacks["decoder"].blocks)
     with pytest.raises(RuntimeError, match="no fastdpl prompts are bound"):
         logits_of(model, *batch())
+
+
+def test_binding_keeps_neither_the_model_nor_a_dropped_wrapper_alive():
+    """The registry holds modules and banks weakly: a dropped model and wrapper are collected
+    (a bank holds its modules, so a strong entry would keep its own key alive), and a model whose
+    wrapper was dropped without detach() names what happened."""
+    import gc
+    import weakref
+
+    model = tiny("llama")
+    dpl = FastDPLPrefix(model)
+    del dpl
+    gc.collect()
+    with pytest.raises(RuntimeError, match="garbage-collected"):
+        logits_of(model, *batch())
+    layer = weakref.ref(model.model.layers[0].self_attn)
+    before = len(hf_lm._BOUND)
+    del model
+    gc.collect()
+    assert layer() is None and len(hf_lm._BOUND) < before
 
 
 def test_readme_language_model_block_runs():

@@ -31,7 +31,8 @@ from .base import UnsupportedModelError
 
 NAME = "fastdpl"
 STACK = "decoder"
-# module -> (bank, impl); weak, so that dropping the wrapper releases nothing of the model's.
+# module -> (weak reference to the bank, impl). Weak both ways: the bank holds its modules (its
+# sites), so a strong value would keep its own key, and with it the layer's weights, alive forever.
 _BOUND: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictionary()
 _ONE = {}
 
@@ -95,7 +96,21 @@ def prefix_sites(model: nn.Module):
 def bind(modules, bank, impl: str) -> None:
     """Make the attention function find ``bank``'s prompts for each of ``modules``."""
     for module in modules:
-        _BOUND[module] = (bank, impl)
+        _BOUND[module] = (weakref.ref(bank), impl)
+
+
+def bound(module) -> tuple:
+    """(bank, impl) bound to an attention module; a RuntimeError naming it when there is none."""
+    entry = _BOUND.get(module)
+    where = f"{type(module).__name__} (layer {getattr(module, 'layer_idx', '?')})"
+    if entry is None:
+        raise RuntimeError(f"{where} runs attn_implementation='fastdpl' but no fastdpl prompts are bound to it: "
+                           "wrap the model with fastdpl.FastDPLPrefix")
+    bank = entry[0]()
+    if bank is None:
+        raise RuntimeError(f"{where}: the FastDPLPrefix bound to this model was garbage-collected; keep it while the "
+                           "model runs, or call its detach() to give the model back its own attention")
+    return bank, entry[1]
 
 
 def unbind(modules) -> None:
@@ -156,12 +171,7 @@ def _no_prompts(query, kv_heads):
 
 def fastdpl_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     """The registered attention: the op over [prompts of this module ; keys], (B, N, H, D) out."""
-    bound = _BOUND.get(module)
-    if bound is None:
-        raise RuntimeError(f"{type(module).__name__} (layer {getattr(module, 'layer_idx', '?')}) runs "
-                           "attn_implementation='fastdpl' but no fastdpl prompts are bound to it: wrap the model "
-                           "with fastdpl.FastDPLPrefix")
-    bank, impl = bound
+    bank, impl = bound(module)
     if kwargs.get("softcap") is not None:
         raise NotImplementedError("fastdpl's attention does not support logit softcapping (softcap)")
     if dropout:

@@ -1,6 +1,6 @@
 """The GPU targets of fastdpl, checked against the benchmark JSONs of one run.
 
-``python -m fastdpl.bench.targets OUT_DIR`` reads ``OUT_DIR/*-{op,step,tpt}.json`` (or
+``python -m fastdpl.bench.targets OUT_DIR`` reads ``OUT_DIR/*-{op,step,tpt,lm}.json`` (or
 ``op.json`` ...), as ``benchmarks/gpu_check.sh`` writes them, and writes
 ``OUT_DIR/*-targets.json`` and ``.md``: each target, the measured ratio (all ratios
 are of providers timed side by side in one run), and whether it is met. bf16:
@@ -11,7 +11,9 @@ are of providers timed side by side in one run), and whether it is met. bf16:
   language-model layer shapes;
 * search step at most 1.2x the single-path step, peak memory at most 1.2x; at least
   4x faster than the literal supernet at 100 classes and 8x at 1000;
-* TPT at least 5x the literal per-image implementation at 1000 classes.
+* TPT at least 5x the literal per-image implementation at 1000 classes;
+* language-model search step (Llama-3.2-1B shape, B=4, N=512 and 2048) at most 1.1x the
+  single-path step (PEFT prefix tuning at the longest candidate), peak memory at most 1.1x.
 """
 from __future__ import annotations
 
@@ -23,6 +25,7 @@ from ..atomic import write_text_atomic
 
 OP_SHAPES = ("image-b128", "text-1000cls-n20", "text-1000cls-n77")
 LM_OP_SHAPES = ("lm-1b-n512", "lm-1b-n2048")  # fastdpl.bench.op.LM_TARGET_SHAPES (not imported: no torch here)
+LM_STEP_SHAPES = ("llama-1b-n512", "llama-1b-n2048")  # fastdpl.bench.lm.GPU_SHAPES' names
 
 
 def _rows(result: dict | None, **match) -> list:
@@ -36,7 +39,7 @@ def _target(name, value, limit, at_most=True):
     return {"target": name, "value": value, "limit": limit, "at_most": at_most, "met": met}
 
 
-def check(op: dict | None, step: dict | None, tpt: dict | None) -> list[dict]:
+def check(op: dict | None, step: dict | None, tpt: dict | None, lm: dict | None = None) -> list[dict]:
     targets = []
     for shape in OP_SHAPES:
         row = next(iter(_rows(op, shape=shape, mode="fwd+bwd", provider="triton")), {})
@@ -58,19 +61,26 @@ def check(op: dict | None, step: dict | None, tpt: dict | None) -> list[dict]:
         if classes == 1000:
             targets.append(_target(f"tpt {row['shape']}: literal / fast", row.get("literal_over_this"), 5.0,
                                    at_most=False))
+    for shape in LM_STEP_SHAPES:  # listed unmeasured too, as the op's LM shapes
+        row = next(iter(_rows(lm, shape=shape, provider="search")), {})
+        targets.append(_target(f"lm step {shape}: search / single path", row.get("vs_single_path"), 1.1))
+        targets.append(_target(f"lm step {shape}: peak memory search / single path",
+                               row.get("memory_vs_single_path"), 1.1))
     return targets
 
 
 def _load(out: Path, level: str) -> dict | None:
-    found = sorted(out.glob(f"*{level}.json"))
-    return json.loads(found[-1].read_text()) if found else None
+    # by the suite's own name: "*lm.json" also matches an op run's "...-op-lm.json"
+    found = [r for r in (json.loads(p.read_text()) for p in sorted(out.glob(f"*{level}.json")))
+             if r.get("benchmark") == level]
+    return found[-1] if found else None
 
 
 def summarize(out: Path, prefix: str = "") -> dict:
-    results = {level: _load(out, level) for level in ("op", "step", "tpt")}
+    results = {level: _load(out, level) for level in ("op", "step", "tpt", "lm")}
     environment = next((r["environment"] for r in results.values() if r), {})
     summary = {"environment": environment, "dtypes": {k: r["dtype"] for k, r in results.items() if r},
-               "targets": check(results["op"], results["step"], results["tpt"])}
+               "targets": check(results["op"], results["step"], results["tpt"], results["lm"])}
     lines = [f"# GPU targets: {environment.get('device', '?')} ({environment.get('timestamp', '')[:10]})", "",
              f"torch {environment.get('torch')}, triton {environment.get('triton')}, commit "
              f"{environment.get('commit')}; every ratio is of providers timed side by side in one run.", "",

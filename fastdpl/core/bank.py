@@ -313,6 +313,14 @@ class BankHolder:
     def mode(self) -> str:
         return self.bank.mode
 
+    @property
+    def candidate_lengths(self):
+        return self.bank.candidate_lengths
+
+    @property
+    def arch_logits(self) -> nn.ParameterDict:
+        return self.bank.arch_logits
+
     def arch_parameters(self) -> list[nn.Parameter]:
         return self.bank.arch_parameters()
 

@@ -126,9 +126,10 @@ def check_method(method: str) -> str:
     raise ValueError(f"method must be one of {', '.join(METHODS)} (e.g. uniform:4:9), got {method!r}")
 
 
-def _parse_value(name: str, text: str):
-    """A command-line string as the field's type; lists are comma-separated, 'none' is None."""
-    hint = _HINTS[name]
+def _parse_value(name: str, text: str, hints: dict = _HINTS):
+    """A command-line string as the field's type (``hints``: the config class's type hints);
+    lists are comma-separated, 'none' is None."""
+    hint = hints[name]
     if text.lower() in ("none", "null") and type(None) in typing.get_args(hint):
         return None
     base = next((a for a in typing.get_args(hint) if a is not type(None)), hint) if typing.get_args(hint) else hint
@@ -243,30 +244,54 @@ STAGE_SETTINGS = {stage: {name for name, (_, stages, _, _) in SETTINGS.items() i
                   for stage in ("search", "train")}
 
 
-def add_config_arguments(parser: argparse.ArgumentParser, stage: str | None = None) -> None:
+@dataclass(frozen=True)
+class Schema:
+    """A family of run settings: the config dataclass, its SETTINGS table (name: group, stages,
+    description, allowed values) and the settings that may change when a run is resumed."""
+
+    config: type
+    settings: dict
+    resumable: frozenset
+
+    @property
+    def hints(self) -> dict:
+        return typing.get_type_hints(self.config)
+
+    def ignored_on_resume(self, stage: str) -> set:
+        """Settings that cannot change what ``stage`` computes: the resumable ones and the other
+        training stages' own."""
+        own = {name for name, (_, stages, _, _) in self.settings.items() if len(stages) == 1}
+        return set(self.resumable) | {n for n in own if self.settings[n][1] != (stage,)}
+
+
+CLIP_SCHEMA = Schema(RunConfig, SETTINGS, frozenset(RESUMABLE_CHANGES))
+
+
+def add_config_arguments(parser: argparse.ArgumentParser, stage: str | None = None, schema: Schema | None = None) -> None:
     """The stage's own settings as flags (all settings for ``stage=None``), grouped, each with its
     description, allowed values and default. A YAML file may still hold any known setting."""
+    schema = schema or CLIP_SCHEMA
     parser.add_argument("--config", help="YAML file of settings (the command line overrides it)")
     parser.add_argument("--dry-run", action="store_true", help="print the resolved settings as YAML and exit")
-    defaults = RunConfig()
+    defaults, hints = schema.config(), schema.hints
     groups = {}
-    for f in fields(RunConfig):
-        group, stages, text, allowed = SETTINGS[f.name]
+    for f in fields(schema.config):
+        group, stages, text, allowed = schema.settings[f.name]
         if stage is not None and stage not in stages:
             continue
         if group not in groups:
             groups[group] = parser.add_argument_group(f"{group} settings")
         flag = "--" + f.name.replace("_", "-")
         # A bool setting given without a value means true (``--resume`` = ``--resume true``).
-        is_bool = _HINTS[f.name] is bool
+        is_bool = hints[f.name] is bool
         choices = f" ({'|'.join(allowed)})" if allowed else ""
         groups[group].add_argument(flag, dest=f.name, default=argparse.SUPPRESS, metavar=f.name.upper(),
-                                   type=lambda text, name=f.name: _parse_value(name, text),
+                                   type=lambda text, name=f.name: _parse_value(name, text, hints),
                                    nargs="?" if is_bool else None, const=True if is_bool else None,
                                    help=f"{text}{choices}; default: {getattr(defaults, f.name)!r}")
 
 
-def load_yaml(path: str | Path) -> dict:
+def load_yaml(path: str | Path, config: type | None = None) -> dict:
     import yaml
 
     path = Path(path)
@@ -275,7 +300,7 @@ def load_yaml(path: str | Path) -> dict:
     data = yaml.safe_load(path.read_text()) or {}
     if not isinstance(data, dict):
         raise ValueError(f"{path}: expected a mapping of settings, got {type(data).__name__}")
-    known = {f.name for f in fields(RunConfig)}
+    known = {f.name for f in fields(config or RunConfig)}
     unknown = sorted(set(data) - known)
     if unknown:
         raise ValueError(f"{path}: unknown settings {unknown}; known: {sorted(known)}")
@@ -324,9 +349,12 @@ def save_yaml(config: RunConfig, path: Path) -> None:
     write_text_atomic(path, yaml.safe_dump(config.to_dict(), sort_keys=False))
 
 
-def changed_settings(saved: dict, current: RunConfig, stage: str) -> list[str]:
-    """'name: old -> new' for every setting that differs and would change what ``stage`` computes."""
-    ignored = RESUMABLE_CHANGES | set().union(*(s for k, s in STAGE_SETTINGS.items() if k != stage))
+def changed_settings(saved: dict, current, stage: str) -> list[str]:
+    """'name: old -> new' for every setting that differs and would change what ``stage`` computes
+    (``current``: a RunConfig, or any config whose class has a ``SCHEMA``)."""
+    schema = getattr(type(current), "SCHEMA", None)
+    ignored = (schema.ignored_on_resume(stage) if schema is not None else
+               RESUMABLE_CHANGES | set().union(*(s for k, s in STAGE_SETTINGS.items() if k != stage)))
     now = current.to_dict()
     return [f"{name}: {saved.get(name)!r} -> {now[name]!r}" for name in now
             if name not in ignored and saved.get(name) != now[name]]

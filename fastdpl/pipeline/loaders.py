@@ -105,3 +105,50 @@ def first_batch(loader):
     batch = next(iter(loader))
     while True:
         yield batch
+
+
+class StepBatches(torch.utils.data.Sampler):
+    """Step-based training batches: optimiser step s takes the global batch of rows [s*G, (s+1)*G)
+    of an endless sequence of reshuffled passes (pass p: a permutation drawn from (seed, p)), G =
+    batch_size x world; rank r takes rows [r*b, (r+1)*b). ``set_epoch(e)`` selects round e, the
+    steps [e*round_steps, min((e+1)*round_steps, steps)) between two checkpoints: the batches of a
+    step depend only on (seed, step), so a run resumed at a round sees an unbroken run's batches,
+    and W ranks of batch b see one process's batches of W*b."""
+
+    def __init__(self, size: int, batch_size: int, seed: int, ranks: Dist, steps: int, round_steps: int):
+        if size < 1:
+            raise ValueError("no examples to train on")
+        self.size, self.batch_size, self.seed, self.ranks = size, batch_size, seed, ranks
+        self.steps, self.round_steps, self.epoch = steps, round_steps, 0
+        self._passes = {}
+
+    @property
+    def rounds(self) -> int:
+        return -(-self.steps // self.round_steps)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def steps_done(self) -> int:
+        """Optimiser steps at the end of the current round."""
+        return min((self.epoch + 1) * self.round_steps, self.steps)
+
+    def _row(self, position: int) -> int:
+        p = position // self.size
+        if p not in self._passes:
+            # ints only in the hash: a str's hash differs from process to process
+            generator = torch.Generator().manual_seed(hash((self.seed, p, -1)) % 2**63)
+            # a batch spans at most two passes: keep this one and the one before
+            self._passes = {q: v for q, v in self._passes.items() if q == p - 1}
+            self._passes[p] = torch.randperm(self.size, generator=generator).tolist()
+        return self._passes[p][position % self.size]
+
+    def __iter__(self):
+        width = self.batch_size * self.ranks.world
+        first = self.ranks.rank * self.batch_size
+        for step in range(self.epoch * self.round_steps, self.steps_done()):
+            start = step * width + first
+            yield [(self.epoch, self._row(i)) for i in range(start, start + self.batch_size)]
+
+    def __len__(self):
+        return self.steps_done() - self.epoch * self.round_steps

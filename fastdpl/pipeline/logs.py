@@ -29,7 +29,10 @@ def alpha_entropy(arch_logits: dict) -> dict:
 
 
 def epoch_line(stage: str, entry: dict) -> str:
-    line = f"{stage} epoch {entry['epoch']}: loss {entry['loss']:.4f}, train acc {100 * entry['accuracy']:.1f}%"
+    if "step" in entry:  # a step-based schedule (language models): the checkpoint's step, token accuracy
+        line = f"{stage} step {entry['step']}: loss {entry['loss']:.4f}, token acc {100 * entry['accuracy']:.1f}%"
+    else:
+        line = f"{stage} epoch {entry['epoch']}: loss {entry['loss']:.4f}, train acc {100 * entry['accuracy']:.1f}%"
     if "lr" in entry:
         line += f", lr {entry['lr']:.3g}"
     for tower, value in entry.get("alpha_entropy", {}).items():

@@ -20,7 +20,8 @@ from pathlib import Path
 
 from .config import RESUMABLE_CHANGES
 
-METRICS = ("top1", "base", "new", "hm")
+METRICS = ("top1", "base", "new", "hm", "accuracy", "exact_match", "loss", "perplexity")
+UNSCALED = {"loss", "perplexity"}  # the others are fractions, shown in %
 # Settings that never change a result (or are the sample index: the seed).
 NOT_DEFINING = RESUMABLE_CHANGES | {"seed"}
 SHOWN = ("stage", "method", "model", "pretrained", "dataset", "shots", "subsample")
@@ -47,11 +48,21 @@ def experiment(result: dict) -> dict:
     the settings of the run that produced the prompts (``trained``, else the run's own)."""
     settings = result.get("trained") or result.get("settings") or {}
     own = result.get("settings") or {}
-    defining = {k: v for k, v in settings.items() if k not in NOT_DEFINING}
+    defining = {k: v for k, v in settings.items() if k not in _not_defining(result)}
     if result["stage"] == "tpt":  # how the test-time step ran defines a TPT experiment too
         defining.update({k: v for k, v in own.items() if k.startswith("tpt_")})
     shown = {k: result.get(k, "all" if k == "subsample" else None) for k in SHOWN}
     return {**defining, **shown, "own": result.get("own")}
+
+
+def _not_defining(result: dict) -> set:
+    """Settings that do not define a result's experiment: for the language-model protocol those
+    its stage ignores on resume (and the seed), else NOT_DEFINING."""
+    if result.get("protocol") != "lm":
+        return NOT_DEFINING
+    from .lm_config import LMConfig
+
+    return LMConfig.SCHEMA.ignored_on_resume(result["stage"]) | {"seed"}
 
 
 def _key(exp: dict) -> str:
@@ -102,10 +113,11 @@ def _metrics(runs: list[dict], name: str, own: str) -> dict:
     row = {}
     for metric in METRICS:
         source = (lambda r: r) if name == own else (lambda r: r.get("results", {}).get(name, {}))
-        values = [100 * source(r)[metric] for r in runs if metric in source(r)]
+        scale = 1 if metric in UNSCALED else 100
+        values = [scale * source(r)[metric] for r in runs if metric in source(r)]
         if values:
             row[metric], row[f"{metric}_ci95"] = mean_ci(values)
-            if metric == "top1":
+            if metric in ("top1", "loss"):
                 row["runs"] = len(values)
     return row
 
@@ -149,7 +161,8 @@ def report(paths, out: str | Path) -> tuple[Path, Path]:
     rows = aggregate(find_results(paths))
     out = Path(out)
     md, csv_path = out.with_suffix(".md"), out.with_suffix(".csv")
-    write_text_atomic(md, "Accuracy (%), mean ± 95% CI over seeds\n\n" + to_markdown(rows) + "\n")
+    write_text_atomic(md, "Mean ± 95% CI over seeds; accuracies and exact match in %, loss in nats per token\n\n"
+                      + to_markdown(rows) + "\n")
     write_text_atomic(csv_path, to_csv(rows))
     print(to_markdown(rows))
     return md, csv_path

@@ -50,10 +50,10 @@ class Meter:
     and at the end of the epoch, not after every step.
     """
 
-    def __init__(self, refresh: int = 10):
+    def __init__(self, refresh: int = 10, unit: str = "img"):
         self.loss = self.correct = 0.0
         self.seen = self.steps = 0
-        self.refresh = refresh
+        self.refresh, self.unit = refresh, unit  # unit: what ``count`` counts (images, tokens)
         self.start = time.perf_counter()
 
     def update(self, loss: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor) -> None:
@@ -91,7 +91,7 @@ class Meter:
         summary = self.summary()
         shown = {"loss": f"{summary['loss']:.3f}"} if loss else {}
         bar.set_postfix({**shown, "acc": f"{100 * summary['accuracy']:.1f}",
-                         "img/s": f"{self.seen * ranks.world / (time.perf_counter() - self.start):.1f}"})
+                         f"{self.unit}/s": f"{self.seen * ranks.world / (time.perf_counter() - self.start):.1f}"})
 
 
 def train_loader(job, samples, seed: int):
@@ -137,8 +137,46 @@ class Classification:
         """(correct, count) of one batch, for the progress bar and the epoch's accuracy."""
         return (predictions.argmax(-1) == targets).sum(), len(targets)
 
+    def count(self, targets) -> int:
+        """What the loss averages over (a micro-batch's weight in an accumulated step)."""
+        return batch_size(targets)
+
+    varying_counts = False  # every rank's share of a batch has the same size
+
 
 CLASSIFICATION = Classification()
+
+
+class NextToken:
+    """A causal LM's objective: ``net(**inputs).logits`` (B, L, V) against token labels (B, L) that
+    are -100 where no loss is taken; cross-entropy of token t+1 from position t, in float32,
+    averaged over the labelled tokens; the tally counts correctly predicted labelled tokens."""
+
+    def predict(self, net, inputs, features: bool = False):
+        if features:
+            raise ValueError("the next-token objective has no features for a regulariser")
+        return net(**inputs).logits
+
+    @staticmethod
+    def _shifted(predictions, targets):
+        return predictions[:, :-1].float(), targets[:, 1:]
+
+    def loss(self, predictions, targets):
+        logits, labels = self._shifted(predictions, targets)
+        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100)
+
+    def tally(self, predictions, targets):
+        logits, labels = self._shifted(predictions, targets)
+        counted = labels != -100
+        return ((logits.argmax(-1) == labels) & counted).sum(), int(counted.sum())
+
+    def count(self, targets) -> int:
+        return int((targets[:, 1:] != -100).sum())
+
+    varying_counts = True  # ranks and micro-batches hold different numbers of labelled tokens
+
+
+NEXT_TOKEN = NextToken()
 
 
 @dataclass
@@ -183,20 +221,74 @@ def step_loss(net, inputs, targets, objective=CLASSIFICATION, regularizers=(), f
     return loss, predictions
 
 
-def loss_step(net, optimizer, inputs, targets, job, objective=CLASSIFICATION, regularizers=(), frozen=None):
-    """One optimiser step on the objective's loss plus the regularisers; returns (loss, predictions)."""
+def split_batch(x, parts: int) -> list:
+    """A batch (tensors, or dicts/tuples/lists of them) as ``parts`` micro-batches along dim 0."""
+    if isinstance(x, torch.Tensor):
+        return list(torch.tensor_split(x, parts))
+    if isinstance(x, dict):
+        pieces = {k: split_batch(v, parts) for k, v in x.items()}
+        return [{k: v[i] for k, v in pieces.items()} for i in range(parts)]
+    if isinstance(x, (tuple, list)):
+        pieces = [split_batch(v, parts) for v in x]
+        return [type(x)(p[i] for p in pieces) for i in range(parts)]
+    raise TypeError(f"cannot split a batch of {type(x).__name__}")
+
+
+def loss_weights(objective, pieces_targets: list, job) -> list:
+    """Each piece's loss weight, so that the summed (and, under DDP, rank-averaged) gradient is the
+    global batch's mean: count_i * world / (sum of counts over pieces and ranks). Exactly 1 for a
+    single piece of an objective whose ranks hold equal counts (no collective then)."""
+    if len(pieces_targets) == 1 and not getattr(objective, "varying_counts", False):
+        return [1.0]
+    counts = [objective.count(t) for t in pieces_targets]
+    total = torch.tensor(float(sum(counts)), dtype=torch.float64)
+    if job.ranks.enabled:
+        device = job.device if job.device.startswith("cuda") else "cpu"
+        total = total.to(device)
+        torch.distributed.all_reduce(total)
+    return [c * job.ranks.world / max(float(total), 1.0) for c in counts]
+
+
+def loss_step(net, optimizer, inputs, targets, job, objective=CLASSIFICATION, regularizers=(), frozen=None,
+              micro_batches: int = 1):
+    """One optimiser step on the objective's loss plus the regularisers; returns (loss, predictions).
+
+    With ``micro_batches`` > 1 the batch runs in that many pieces (gradient accumulation), piece i's
+    loss weighted by count_i / sum_j count_j (``objective.count``: its sequences, or its labelled
+    tokens), so that the step's gradient is the whole batch's; DDP all-reduces once, on the last."""
     inputs, targets = to_device(inputs, job.device), to_device(targets, job.device)
-    with nvtx_range("fastdpl/pipeline/forward"), autocast(job.device, job.cfg.precision):
-        loss, predictions = step_loss(net, inputs, targets, objective, regularizers, frozen)
-    with nvtx_range("fastdpl/pipeline/backward"):
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+    optimizer.zero_grad(set_to_none=True)
+    pieces = list(zip(split_batch(inputs, micro_batches), split_batch(targets, micro_batches)))
+    weights = loss_weights(objective, [t for _, t in pieces], job)
+    losses, outputs = [], []  # each piece's own loss (its mean), for the meter
+    for i, ((piece_inputs, piece_targets), weight) in enumerate(zip(pieces, weights)):
+        last = i == len(pieces) - 1
+        sync = contextlib.nullcontext() if last or not hasattr(net, "no_sync") else net.no_sync()
+        with sync:
+            with nvtx_range("fastdpl/pipeline/forward"), autocast(job.device, job.cfg.precision):
+                loss, predictions = step_loss(net, piece_inputs, piece_targets, objective, regularizers, frozen)
+            with nvtx_range("fastdpl/pipeline/backward"):
+                (loss if weight == 1.0 else loss * weight).backward()
+        losses.append(loss.detach())
+        outputs.append(predictions.detach())
+    loss = losses[0] if len(losses) == 1 else _mean_of_pieces(losses, weights)
+    predictions = outputs[0] if len(outputs) == 1 else _concatenate(outputs)
     with nvtx_range("fastdpl/pipeline/optimizer"):
         if job.cfg.grad_clip is not None:
             params = [p for group in optimizer.param_groups for p in group["params"]]
             torch.nn.utils.clip_grad_norm_(params, job.cfg.grad_clip)
         optimizer.step()
-    return loss.detach(), predictions.detach()
+    return loss, predictions
+
+
+def _mean_of_pieces(losses: list, weights: list) -> torch.Tensor:
+    """This rank's batch mean from its pieces' means (weights are proportional to their counts)."""
+    return sum(l * w for l, w in zip(losses, weights)) / max(sum(weights), 1e-30)
+
+
+def _concatenate(predictions: list) -> torch.Tensor:
+    """Micro-batches' predictions as one batch (padded token logits have one width per batch)."""
+    return torch.cat(predictions, 0)
 
 
 def arch_step(net, optimizer, inputs, targets, job, objective=CLASSIFICATION) -> None:
@@ -214,7 +306,8 @@ def arch_step(net, optimizer, inputs, targets, job, objective=CLASSIFICATION) ->
     no_sync = net.no_sync() if isinstance(net, torch.nn.parallel.DistributedDataParallel) else contextlib.nullcontext()
     with no_sync:
         with nvtx_range("fastdpl/pipeline/forward"), autocast(job.device, job.cfg.precision):
-            loss = objective.loss(objective.predict(net, inputs), targets)
+            (weight,) = loss_weights(objective, [targets], job)
+            loss = objective.loss(objective.predict(net, inputs), targets) * weight
         with nvtx_range("fastdpl/pipeline/backward"):
             grads = torch.autograd.grad(loss, params, allow_unused=True, materialize_grads=True)
     if job.ranks.enabled:
@@ -250,6 +343,9 @@ class Training:
     loader: object = None  # the training batches; default: the job's few-shot images (train_loader)
     validation: Callable | None = None  # epoch -> iterator of validation batches for the arch steps
     record: Callable | None = None  # () -> extra per-epoch history entries (e.g. alpha)
+    schedule_per_step: bool = False  # scheduler.step() after every optimiser step, not every epoch
+    micro_batches: int = 1  # gradient accumulation: pieces of each training batch (loss_step)
+    unit: str = "img"  # what the objective's tally counts, for the progress bar's throughput
     after_epoch: Callable | None = None  # history -> None (e.g. write alpha_history.json)
 
 
@@ -267,7 +363,7 @@ def fit(job, out: Path, stage: str, training: Training) -> list:
     for epoch in range(start, training.epochs):
         train.batch_sampler.set_epoch(epoch)
         validation = training.validation(epoch) if training.validation else None
-        meter = Meter()
+        meter, lr = Meter(unit=training.unit), None  # lr: the prompts' at the epoch's first step (per-step schedules)
         bar = progress(train, job, f"{stage} {epoch + 1}/{training.epochs}")
         for inputs, targets in bar:
             if validation is not None:
@@ -275,12 +371,17 @@ def fit(job, out: Path, stage: str, training: Training) -> list:
                     val_inputs, val_targets = next(validation)
                 arch_step(training.net, training.optimizers["arch"], val_inputs, val_targets, job,
                           objective=objective)  # alpha
+            if training.schedule_per_step and lr is None:
+                lr = training.scheduler.get_last_lr()[0]
             loss, predictions = loss_step(training.net, training.optimizers["prompt"], inputs, targets, job,
-                                          objective, training.regularizers, training.frozen)
+                                          objective, training.regularizers, training.frozen, training.micro_batches)
             meter.add(loss, *objective.tally(predictions, to_device(targets, job.device)))
             meter.show(bar, job.ranks)
-        lr = training.scheduler.get_last_lr()[0]  # the prompts' lr during this epoch
-        training.scheduler.step()
+            if training.schedule_per_step:
+                training.scheduler.step()
+        if not training.schedule_per_step:
+            lr = training.scheduler.get_last_lr()[0]  # the prompts' lr during this epoch
+            training.scheduler.step()
         history.append({"epoch": epoch + 1, **meter.epoch_summary(job.ranks), "lr": lr,
                         **(training.record() if training.record else {})})
         _save_checkpoint(job, out, epoch + 1, training, history)
