@@ -292,6 +292,16 @@ def test_a_model_outside_the_registry_is_refused():
         FastDPLPrefix(torch.nn.Linear(3, 3))
 
 
+def test_a_transformers_model_outside_the_registry_is_refused():
+    """A model class whose attention does not dispatch through AttentionInterface (transformers
+    marks it _supports_attention_backend = False) is refused by name, before anything changes."""
+    model = tiny("llama")
+    model._supports_attention_backend = False
+    with pytest.raises(UnsupportedModelError, match="does not dispatch its attention"):
+        FastDPLPrefix(model)
+    assert model.config._attn_implementation != hf_lm.NAME and all(p.requires_grad for p in model.parameters())
+
+
 def test_unbound_module_under_fastdpl_attention_is_named():
     model = tiny("llama")
     dpl = FastDPLPrefix(model)
