@@ -273,10 +273,11 @@ def test_attention_dropout_in_training_is_refused():
     model = tiny("llama")
     for _, module in hf_lm.attention_modules(model):
         module.attention_dropout = 0.1  # as LlamaConfig(attention_dropout=0.1) builds it
-    FastDPLPrefix(model)
+    prefix = FastDPLPrefix(model)  # held: the model's attention binds it weakly
     model.train()
     with pytest.raises(NotImplementedError, match="no attention dropout"):
         logits_of(model, *batch())
+    del prefix
 
 
 def test_logit_softcapping_is_refused():
