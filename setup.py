@@ -18,7 +18,7 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["fastdpl", "fastdpl.*"]) + ["fastdpl.kernels"],
     package_dir={"fastdpl.kernels": "kernels"},
-    package_data={"fastdpl": ["assets/*.pt"]},  # the built-in tiny CLIP for `fastdpl demo`
+    package_data={"fastdpl": ["assets/*.pt", "assets/tiny_lm/*"]},  # the built-in tiny CLIP and tiny LM (demos)
     install_requires=[
         "torch>=2.14",
         "triton>=3.6",  # the launch table is compiled and checked for 3.6, 3.8 and 3.9 (kernels/configs.py)

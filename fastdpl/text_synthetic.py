@@ -7,26 +7,26 @@ grouped-query ``LlamaForCausalLM``, and the procedural text it is pre-trained on
 ``scripts/make_tiny_lm.py`` runs it and writes the Hugging Face model folder that ships in
 ``fastdpl/assets/tiny_lm`` (``TINY_LM``).
 
-The toy language (every token separated by one space, so decoding gives the text back):
+The toy language describes a small world (``world(seed)``): 24 objects, each with a fixed
+size and colour. Pre-training documents are two to six sentences (every token separated by one
+space, so decoding gives the text back), each a fact about the world in one of eight forms
+(``the ball is red .``, ``the colour of the ball is red .``, ``what colour is the ball ? red .``,
+``the size of the ball is big .``, ``is the ball blue ? no .``, ...), a number fact
+(counting, next and previous, ``two plus three = five .``) or a word-list sentence (``the first
+word of ball cup hat is ball .``). The model learns the world by heart: that is its knowledge.
 
-* scenes: ``there is a big red ball , a small blue cup and a big green hat .`` (two to four
-  objects, distinct, each with a size and a colour), followed by statements and questions about
-  them: ``the cup is blue .``, ``the size of the hat is big .``, ``what colour is the ball ? red .``,
-  ``is the cup big ? no .``, ``which thing is green ? the hat .``;
-* number facts: counting (``count from two to six : two three four five six .``), the next and
-  previous number, sums (``two plus three = five .``);
-* word lists: ``the first word of ball cup hat is ball .``, ``the last ...``, and lists copied
-  (``say ball cup hat : ball cup hat .``).
-
-The downstream task is one the model never saw as such: a scene followed by an object and ``=``
-(``there is a big red ball , a small blue cup . cup =``), completed by that object's size and
-colour (``small blue``). In pre-training ``=`` only ever follows a sum and is followed by a
-number; a scene is only ever followed by whole sentences. The base model answers with a number
-or a sentence, so its exact match is near zero; the skill the task needs (find the object in the
-scene, read its words) is there; whether a learned prefix in every layer (prefix tuning, the
-model frozen) teaches it fast enough for a 2-minute demo is not settled: first trials (2026-12-03,
-200 steps of a fixed prefix of 8, AdamW 3e-2) reached 4-14 % exact match on the test split,
-against 0 % for the base model, and the asset is not built yet. ``write_downstream_task`` writes it as JSONL
+The downstream task asks for that knowledge in a form the model never saw: an object word
+followed by ``=`` (after a sentence or two that do not mention it), completed by the object's
+colour: ``the cup is small . two comes after one . ball =`` → ``red``. In pre-training ``=``
+only ever follows a sum and precedes a number, so the base model answers with a number (0 %
+exact match). A learned prefix (the model frozen) has to turn the new form into an answer; the
+splits hold distinct prompts (no test prompt is a training prompt). Built from seed 0
+(scripts/make_tiny_lm.py's check, 2026-12-03): the model answers the colour question for all 24
+objects, the base model gets 0 % on the task, and a prefix of 8 in every layer trained with AdamW
+at lr 0.1 reaches 37 % after 300 steps and 76 % after 500 (batch 32). With objects held out
+of training instead (tried: 14 / 4 / 6 objects per split), prefix tuning memorised the training
+objects' colours (99 % on them) and reached only 18-27 % on the unseen ones, so the splits share
+the objects. ``write_downstream_task`` writes it as JSONL
 ``{"prompt", "completion"}`` splits; ``write_downstream_classification`` writes a second one, a
 CSV ``text,label`` (is the named object big or small) with its verbalizers.
 """
@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import csv
 import json
-import math
 import os
 import random
 import shutil
@@ -47,7 +46,8 @@ TINY_LM = Path(__file__).parent / "assets" / "tiny_lm"
 
 PAD, BOS, EOS, UNK = "<pad>", "<s>", "</s>", "<unk>"
 SPECIALS = (PAD, BOS, EOS, UNK)
-OBJECTS = ("ball", "cup", "box", "hat", "car", "tree", "bird", "fish", "book", "key", "lamp", "shoe")
+OBJECTS = ("ball", "cup", "box", "hat", "car", "tree", "bird", "fish", "book", "key", "lamp", "shoe", "bag",
+           "bed", "boat", "cake", "chair", "clock", "coat", "door", "drum", "kite", "ring", "sock")
 COLOURS = ("red", "blue", "green", "yellow", "black", "white", "pink", "brown")
 SIZES = ("big", "small")
 NUMBERS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten", "eleven",
@@ -78,64 +78,48 @@ def tiny_lm_folder() -> Path:
     return TINY_LM
 
 
-# ---- the toy language -----------------------------------------------------------------------------
-def random_scene(rng: random.Random, count: int) -> list[tuple[str, str, str]]:
-    """``count`` distinct objects, each (size, colour, object)."""
-    return [(rng.choice(SIZES), rng.choice(COLOURS), thing) for thing in rng.sample(OBJECTS, count)]
+# ---- the toy world and its language ---------------------------------------------------------------
+def world(seed: int = 0) -> dict[str, tuple[str, str]]:
+    """{object: (size, colour)}: every colour on three objects, every size on twelve, shuffled by seed."""
+    rng = random.Random(f"world-{seed}")
+    objects = list(OBJECTS)
+    rng.shuffle(objects)
+    colours = [COLOURS[i % len(COLOURS)] for i in range(len(objects))]
+    sizes = [SIZES[(i // len(COLOURS)) % 2] for i in range(len(objects))]
+    return {thing: (size, colour) for thing, size, colour in zip(objects, sizes, colours)}
 
 
-def describe(scene) -> str:
-    """``the ball is big and red . the cup is small and blue .``: one sentence per object."""
-    return " ".join(f"the {thing} is {size} and {colour} ." for size, colour, thing in scene)
-
-
-def _scene_statement(rng: random.Random, scene) -> str:
-    size, colour, thing = rng.choice(scene)
-    kind = rng.randrange(6)
-    if kind == 0:
-        return f"what colour is the {thing} ? {colour} ."
-    if kind == 1:
-        return f"what size is the {thing} ? {size} ."
-    if kind == 2:
-        asked = rng.choice(SIZES)
-        return f"is the {thing} {asked} ? {'yes' if asked == size else 'no'} ."
-    if kind == 3:
-        asked = rng.choice([c for _, c, _ in scene] + list(COLOURS[:2]))
+def fact(rng: random.Random, facts: dict, thing: str) -> str:
+    """One sentence about ``thing`` in one of eight forms."""
+    size, colour = facts[thing]
+    kind = rng.randrange(8)
+    if kind == 7:
+        asked = rng.choice(COLOURS)
         return f"is the {thing} {asked} ? {'yes' if asked == colour else 'no'} ."
-    colours = [c for _, c, _ in scene]
-    if kind == 4 and colours.count(colour) == 1:
-        return f"which thing is {colour} ? the {thing} ."
-    return f"the {thing} is {size} and {colour} ."
+    return (f"the {thing} is {colour} .", f"the colour of the {thing} is {colour} .",
+            f"what colour is the {thing} ? {colour} .", f"the {thing} is {size} .",
+            f"the size of the {thing} is {size} .", f"what size is the {thing} ? {size} .",
+            f"the {thing} is {size} and {colour} .")[kind]
 
 
-def scene_document(rng: random.Random) -> str:
-    scene = random_scene(rng, rng.randint(2, 4))
-    return " ".join([describe(scene)] + [_scene_statement(rng, scene) for _ in range(rng.randint(2, 4))])
+def number_sentence(rng: random.Random) -> str:
+    kind = rng.randrange(4)
+    if kind == 0:
+        start = rng.randrange(0, 10)
+        stop = rng.randrange(start + 1, min(start + 6, 12) + 1)
+        return f"count from {NUMBERS[start]} to {NUMBERS[stop]} : " + " ".join(NUMBERS[start:stop + 1]) + " ."
+    if kind == 1:
+        n = rng.randrange(0, 12)
+        return f"{NUMBERS[n + 1]} comes after {NUMBERS[n]} ."
+    if kind == 2:
+        n = rng.randrange(1, 13)
+        return f"{NUMBERS[n - 1]} comes before {NUMBERS[n]} ."
+    a = rng.randrange(0, 7)
+    b = rng.randrange(0, 13 - a)
+    return f"{NUMBERS[a]} plus {NUMBERS[b]} = {NUMBERS[a + b]} ."
 
 
-def number_document(rng: random.Random) -> str:
-    sentences = []
-    for _ in range(rng.randint(1, 3)):
-        kind = rng.randrange(4)
-        if kind == 0:
-            start = rng.randrange(0, 10)
-            stop = rng.randrange(start + 1, min(start + 6, 12) + 1)
-            sentences.append(f"count from {NUMBERS[start]} to {NUMBERS[stop]} : "
-                             + " ".join(NUMBERS[start:stop + 1]) + " .")
-        elif kind == 1:
-            n = rng.randrange(0, 12)
-            sentences.append(f"{NUMBERS[n + 1]} comes after {NUMBERS[n]} .")
-        elif kind == 2:
-            n = rng.randrange(1, 13)
-            sentences.append(f"{NUMBERS[n - 1]} comes before {NUMBERS[n]} .")
-        else:
-            a = rng.randrange(0, 7)
-            b = rng.randrange(0, 13 - a)
-            sentences.append(f"{NUMBERS[a]} plus {NUMBERS[b]} = {NUMBERS[a + b]} .")
-    return " ".join(sentences)
-
-
-def list_document(rng: random.Random) -> str:
+def list_sentence(rng: random.Random) -> str:
     words = rng.sample(OBJECTS + COLOURS, rng.randint(2, 5))
     listed = " ".join(words)
     kind = rng.randrange(3)
@@ -146,49 +130,62 @@ def list_document(rng: random.Random) -> str:
     return f"say {listed} : {listed} ."
 
 
-def pretraining_document(rng: random.Random) -> str:
-    """One document of the toy language: a scene with statements (70%), numbers (15%) or lists (15%)."""
+def sentence(rng: random.Random, facts: dict) -> str:
+    """A fact about the world (75 %), a number fact (15 %) or a word-list sentence (10 %)."""
     u = rng.random()
-    if u < 0.7:
-        return scene_document(rng)
-    if u < 0.85:
-        return number_document(rng)
-    return list_document(rng)
+    if u < 0.75:
+        return fact(rng, facts, rng.choice(OBJECTS))
+    return number_sentence(rng) if u < 0.9 else list_sentence(rng)
+
+
+def pretraining_document(rng: random.Random, facts: dict) -> str:
+    return " ".join(sentence(rng, facts) for _ in range(rng.randint(2, 6)))
 
 
 def pretraining_corpus(count: int, seed: int = 0) -> list[str]:
-    """``count`` pre-training documents, reproducibly from ``seed``."""
+    """``count`` pre-training documents about ``world(seed)``, reproducibly from ``seed``."""
+    facts = world(seed)
     rng = random.Random(f"pretraining-{seed}")
-    return [pretraining_document(rng) for _ in range(count)]
+    return [pretraining_document(rng, facts) for _ in range(count)]
 
 
 # ---- the downstream tasks -------------------------------------------------------------------------
-def downstream_example(rng: random.Random) -> dict:
-    """``{"prompt": "<scene> <object> =", "completion": "<size> <colour>"}``."""
-    scene = random_scene(rng, rng.randint(2, 4))
-    size, colour, thing = rng.choice(scene)
-    return {"prompt": f"{describe(scene)} {thing} {TASK_MARK}", "completion": f"{size} {colour}"}
+def _context(rng: random.Random, facts: dict, thing: str) -> str:
+    """Zero to two sentences that do not mention ``thing`` (so they cannot give its answer away)."""
+    sentences = []
+    for _ in range(rng.randint(0, 2)):
+        text = sentence(rng, facts)
+        while thing in text.split():
+            text = sentence(rng, facts)
+        sentences.append(text)
+    return " ".join(sentences)
 
 
-def classification_example(rng: random.Random) -> dict:
-    """``{"text": "<scene> <object>", "label": "big" | "small"}`` (the template adds the question)."""
-    scene = random_scene(rng, rng.randint(2, 4))
-    size, _, thing = rng.choice(scene)
-    return {"text": f"{describe(scene)} {thing}", "label": size}
+def downstream_example(rng: random.Random, facts: dict, objects) -> dict:
+    """``{"prompt": "<context> <object> =", "completion": "<colour>"}``."""
+    thing = rng.choice(objects)
+    return {"prompt": f"{_context(rng, facts, thing)} {thing} {TASK_MARK}".lstrip(), "completion": facts[thing][1]}
 
 
-CLASSIFICATION_TEMPLATE = "{text} big ?"
-CLASSIFICATION_VERBALIZERS = {"big": "yes", "small": "no"}
+def classification_example(rng: random.Random, facts: dict, objects) -> dict:
+    """``{"text": "<context> <object>", "label": "big" | "small"}`` (the template adds the question)."""
+    thing = rng.choice(objects)
+    return {"text": f"{_context(rng, facts, thing)} {thing}".lstrip(), "label": facts[thing][0]}
+
+
+CLASSIFICATION_TEMPLATE = "{text} size ?"
+CLASSIFICATION_VERBALIZERS = {"big": "big", "small": "small"}
 
 
 def _splits(make, seed: int, sizes: dict, key: str) -> dict:
     """Examples per split, distinct across splits (no test prompt is also a training prompt)."""
+    facts = world(seed)
     rng = random.Random(f"{make.__name__}-{seed}")
     seen, splits = set(), {}
     for split, count in sizes.items():
         rows = []
         while len(rows) < count:
-            row = make(rng)
+            row = make(rng, facts, OBJECTS)
             if row[key] not in seen:
                 seen.add(row[key])
                 rows.append(row)
@@ -282,7 +279,7 @@ def documents_to_batch(documents: list[list[int]]) -> tuple[torch.Tensor, torch.
     return ids, mask, ids.masked_fill(mask == 0, -100)
 
 
-def train_tiny_lm(seed: int = 0, steps: int = 3000, batch: int = 64, lr: float = 3e-3, corpus: int = 60000,
+def train_tiny_lm(seed: int = 0, steps: int = 2000, batch: int = 64, lr: float = 3e-3, corpus: int = 60000,
                   progress: bool = True, callback=None):
     """Pre-train the tiny LM from scratch on ``corpus`` procedural documents (next-token loss);
     returns (model in eval mode, mean loss of the last 100 steps)."""
@@ -350,4 +347,4 @@ def folder_size(folder) -> int:
 
 __all__ = ["TINY_LM", "VOCAB", "MODEL_CONFIG", "tiny_lm_folder", "pretraining_corpus", "downstream_task",
            "write_downstream_task", "write_downstream_classification", "build_tokenizer", "build_tiny_lm",
-           "train_tiny_lm", "save_tiny_lm", "math"]
+           "train_tiny_lm", "save_tiny_lm", "world"]

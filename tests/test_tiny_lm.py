@@ -46,6 +46,11 @@ def test_the_asset_is_a_small_grouped_query_llama_that_loads_offline(model, toke
     with torch.no_grad():
         logits = model(**ids).logits
     assert logits.shape == (1, ids["input_ids"].shape[1], len(ts.VOCAB)) and torch.isfinite(logits).all()
+    # it knows its world (the demo's premise): the colour of every object, asked as in pre-training
+    for thing, (_, colour) in ts.world(0).items():
+        ids = tokenizer(f"what colour is the {thing} ?", return_tensors="pt")["input_ids"]
+        with torch.no_grad():
+            assert ts.VOCAB[model(input_ids=ids).logits[0, -1].argmax()] == colour, thing
 
 
 def test_the_tokenizer_has_its_special_tokens(tokenizer):
@@ -100,30 +105,31 @@ def test_the_classification_writer_gives_csv_and_verbalizers(tmp_path):
 
 def test_the_task_format_never_occurs_in_the_pretraining_text():
     corpus = ts.pretraining_corpus(20000, seed=0)
-    words = [doc.split() for doc in corpus]
-    # "=" only ever follows a sum ("<number> plus <number> =") and precedes a number
-    for doc in words:
+    for doc in (d.split() for d in corpus):
         for i, word in enumerate(doc):
+            # "=" only ever follows a sum ("<number> plus <number> =") and precedes a number
             if word == ts.TASK_MARK:
                 assert doc[i - 2] == "plus" and doc[i - 1] in ts.NUMBERS and doc[i + 1] in ts.NUMBERS
-            if word in ts.OBJECTS and i + 1 < len(doc):
-                assert doc[i + 1] != ts.TASK_MARK
-    # no pre-training document holds a task prompt, nor a scene followed by a bare object word
-    prompts = [r["prompt"] for r in ts.downstream_task(seed=0)["test"]]
+    # and no task prompt is in the text (they all end "<object> =")
     text = "\n".join(corpus)
-    assert not any(p in text for p in prompts)
-    for doc in words:
-        for i in range(1, len(doc)):
-            if doc[i - 1] == "." and doc[i] in ts.OBJECTS:
-                raise AssertionError(" ".join(doc))
-    # and the completion (size then colour, alone) only ever appears inside a scene description
-    for doc in corpus:
-        for size in ts.SIZES:
-            for colour in ts.COLOURS:
-                start = doc.find(f" {size} {colour} ")
-                while start != -1:
-                    assert doc[:start].endswith(" a"), doc
-                    start = doc.find(f" {size} {colour} ", start + 1)
+    assert not any(r["prompt"] in text for rows in ts.downstream_task(seed=0).values() for r in rows)
+
+
+def test_the_task_asks_the_world_the_corpus_states():
+    """Every completion is its object's colour in world(seed), which the corpus states, and the
+    context before the object never mentions it (it cannot give the answer away)."""
+    facts = ts.world(0)
+    assert set(facts) == set(ts.OBJECTS) and {c for _, c in facts.values()} == set(ts.COLOURS)
+    corpus = " ".join(ts.pretraining_corpus(5000, seed=0))
+    for thing, (size, colour) in facts.items():
+        assert f"the colour of the {thing} is {colour} ." in corpus and f"the size of the {thing} is {size} ." in corpus
+        for other in set(ts.COLOURS) - {colour}:
+            assert f"the {thing} is {other} ." not in corpus
+    for rows in ts.downstream_task(seed=0).values():
+        for row in rows:
+            *context, thing, mark = row["prompt"].split()
+            assert mark == ts.TASK_MARK and row["completion"] == facts[thing][1] and thing not in context
+    assert ts.world(1) != facts
 
 
 def test_a_missing_asset_is_named(monkeypatch, tmp_path):
