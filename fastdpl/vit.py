@@ -73,8 +73,7 @@ class FastDPLViT(BankHolder, nn.Module):
         super().__init__()
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-        if impl not in IMPLS:
-            raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+        self.set_impl(impl)  # validates it
         check_classifier(model)
         tower = make_tower(STACK, model.blocks, causal=False)
         if mode == "search":
@@ -84,7 +83,7 @@ class FastDPLViT(BankHolder, nn.Module):
                       noun="tower")
         self.bank = PromptBank([stack], mode=mode, candidate_lengths=candidate_lengths, config=config,
                                generator=generator)
-        self.model, self.impl = model, impl
+        self.model = model
         model.requires_grad_(False)
         for p in self.head_parameters():
             p.requires_grad_(True)

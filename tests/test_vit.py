@@ -139,6 +139,8 @@ def test_unsupported_models_and_inputs_are_named():
         FastDPLViT(tiny_vit(scale_attn_norm=True))  # search mixes candidates before that norm
     with pytest.raises(ValueError, match="mode must be one of"):
         FastDPLViT(tiny_vit(), mode="grid")
+    with pytest.raises(ValueError, match="impl must be one of"):
+        FastDPLViT(tiny_vit(), impl="cuda")
     dpl = FastDPLViT(tiny_vit())
     with pytest.raises(ValueError, match=r"images must have shape \(B, 3, H, W\)"):
         dpl(torch.randn(2, 1, 12, 12))
