@@ -98,8 +98,11 @@ if [ $smoke -eq 0 ]; then
   # 150 s: per shape three Llama-3.2-1B-shaped models built on the GPU (seconds), the op's first
   # launches at B=4, N=512/2048, and 3 providers x 8 steps (literal ~3x a 0.2-0.6 s step, estimated).
   step lm 150 $PY -m fastdpl.cli bench lm --device cuda --dtype bfloat16 --repeats 5 --out "$out/$prefix-lm.json"
+  # 90 s: ViT-B/16 (197 tokens) at batch 32 and 128, three providers x 7 steps; the op's first
+  # launches for P = 16 prompt rows (estimated: the literal runs 4 attentions per block).
+  step vit 90 $PY -m fastdpl.cli bench vit --device cuda --dtype bfloat16 --repeats 5 --out "$out/$prefix-vit.json"
 else
-  for level_name in op block step tpt cocoop lm; do
+  for level_name in op block step tpt cocoop lm vit; do
     step "$level_name" 300 $PY -m fastdpl.cli bench "$level_name" --device cpu --smoke --out "$out/$prefix-$level_name.json"
   done
 fi

@@ -1,13 +1,15 @@
 """The `fastdpl` command line.
 
     fastdpl demo                      offline demo: zero-shot, uniform baseline, DPL search + train (tiny CLIP, digits)
+    fastdpl demo vit                  offline demo: linear probe, VPT-deep, DPL on a timm ViT classifier (digits)
+    fastdpl search|train|eval --model timm:NAME [--method dpl|linear|uniform:L:D] [--preset vpt]   timm ViT classifiers
     fastdpl zeroshot|search|train|eval|tpt [--config run.yaml] [--dataset NAME --root DIR ...]
     fastdpl train --method coop|cocoop|dpl|zero_shot|uniform:L:D ...
     fastdpl report RUN_DIRS... --out results/summary
     fastdpl check-data --dataset NAME --root DIR
     fastdpl import-alpha AUTHORS_OUTPUT [--epoch E] --out prompt_config.json   the authors' searched alpha
     fastdpl datasets                  the datasets and the folders they need
-    fastdpl bench [op|block|step|tpt|cocoop|lm] [options]  benchmarks
+    fastdpl bench [op|block|step|tpt|cocoop|lm|vit] [options]  benchmarks
     fastdpl lm search|train|eval --model DIR --train F --val F --test F   language models (prefix lengths)
     fastdpl lm report RUN_DIRS... --out results/lm
 
@@ -38,10 +40,12 @@ def _stage_parsers(sub) -> None:
             default = ("<output>/train/prompts.pt" if stage == "eval"
                        else "none: zero-shot CLIP with a learnable context")
             parser.add_argument("--prompts", help=f"prompts file (default: {default})")
-    demo = sub.add_parser("demo", help="offline demo: the built-in tiny CLIP and digits; `demo lm`: the tiny LM")
-    demo.add_argument("family", nargs="?", default="clip", choices=["clip", "lm"],
-                      help="clip (default): DPL, CoOp, CoCoOp, TPT on digits; lm: prefix lengths on the tiny LM")
-    demo.add_argument("--output", help="run folder (default: runs/demo, or runs/demo-lm)")
+    demo = sub.add_parser("demo", help="offline demo: the built-in tiny CLIP and digits; `demo lm`: the tiny LM; "
+                          "`demo vit`: a timm ViT classifier")
+    demo.add_argument("family", nargs="?", default="clip", choices=["clip", "lm", "vit"],
+                      help="clip (default): DPL, CoOp, CoCoOp, TPT on digits; lm: prefix lengths on the tiny LM; "
+                      "vit: VPT-deep lengths on a timm ViT (the tiny CLIP's image tower) on digits")
+    demo.add_argument("--output", help="run folder (default: runs/demo, runs/demo-lm or runs/demo-vit)")
     demo.add_argument("--no-progress", action="store_true")
     report = sub.add_parser("report", help="mean ± 95%% CI tables over many runs (markdown and CSV)")
     report.add_argument("runs", nargs="+", help="run folders or results.json files")
@@ -121,9 +125,9 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="fastdpl", description="Fast Differentiable Prompt Learning for CLIP")
     parser.add_argument("--version", action="version", version=f"fastdpl {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
-    bench = sub.add_parser("bench", help="benchmarks: op, block, step, tpt, cocoop, lm (fastdpl bench op --help)",
+    bench = sub.add_parser("bench", help="benchmarks: op, block, step, tpt, cocoop, lm, vit (fastdpl bench op --help)",
                            add_help=False)
-    bench.add_argument("suite", nargs="?", default="op", choices=["op", "block", "step", "tpt", "cocoop", "lm"])
+    bench.add_argument("suite", nargs="?", default="op", choices=["op", "block", "step", "tpt", "cocoop", "lm", "vit"])
     _stage_parsers(sub)
     if argv[:1] == ["bench"]:
         args, rest = parser.parse_known_args(argv)
@@ -174,6 +178,11 @@ def _run(args) -> int:
         from .pipeline.demo_lm import demo_lm_config, run_demo_lm
 
         run_demo_lm(demo_lm_config(output=args.output or "runs/demo-lm", progress=not args.no_progress))
+        return 0
+    if args.command == "demo" and args.family == "vit":
+        from .pipeline.demo_vit import demo_vit_config, run_demo_vit
+
+        run_demo_vit(demo_vit_config(output=args.output or "runs/demo-vit", progress=not args.no_progress))
         return 0
     if args.command == "demo":
         from .pipeline.demo import demo_config, run_demo

@@ -212,3 +212,143 @@ def _download(create, name, pretrained):
             "create_model downloads it into the Hugging Face cache), then either copy the cache "
             "(HF_HOME) here or pass the file: --pretrained /path/to/open_clip_model.safetensors. "
             "For an offline try-out use --model tiny (built in).") from exc
+
+
+# ---- timm image classifiers (FastDPLViT) -----------------------------------------------------------------
+CLASSIFIER_PREFIX = "timm:"
+
+
+def is_classifier(name) -> bool:
+    """Whether ``--model`` names a timm image classifier (``timm:NAME``) rather than a CLIP."""
+    return str(name).startswith(CLASSIFIER_PREFIX)
+
+
+def vit_from_open_clip(visual, num_classes: int):
+    """open_clip's ViT image tower as a timm ``VisionTransformer`` classifier with the same features
+    (the class token after ln_post, before CLIP's projection) and a fresh ``num_classes`` head.
+
+    The weights map one to one: conv1 -> patch_embed.proj, class_embedding -> cls_token,
+    positional_embedding -> pos_embed, ln_pre -> norm_pre, each resblock's ln_1 / attn.in_proj /
+    attn.out_proj / ln_2 / mlp.c_fc / mlp.c_proj / ls_1 / ls_2 -> norm1 / attn.qkv / attn.proj /
+    norm2 / mlp.fc1 / mlp.fc2 / ls1 / ls2, ln_post -> norm. Towers with an attention-pool, another
+    pooling or final_ln_after_pool are refused (timm has no such head)."""
+    from timm.models.vision_transformer import VisionTransformer
+    from torch import nn
+
+    if getattr(visual, "attn_pool", None) is not None or getattr(visual, "pool_type", "tok") != "tok" \
+            or getattr(visual, "final_ln_after_pool", False) or not hasattr(visual, "conv1"):
+        raise ModelLoadError("only open_clip ViT towers with class-token pooling convert to a timm classifier")
+    blocks = visual.transformer.resblocks
+    width, first = visual.conv1.out_channels, blocks[0]
+    gamma = getattr(first.ls_1, "gamma", None)
+    model = VisionTransformer(
+        img_size=visual.image_size, patch_size=visual.patch_size, num_classes=num_classes, global_pool="token",
+        embed_dim=width, depth=len(blocks), num_heads=first.attn.num_heads,
+        mlp_ratio=first.mlp.c_fc.out_features / width, qkv_bias=True, pre_norm=True, norm_layer=nn.LayerNorm,
+        act_layer="quick_gelu" if type(first.mlp.gelu).__name__ == "QuickGELU" else "gelu",
+        init_values=1.0 if gamma is not None else None)
+    state = {"patch_embed.proj.weight": visual.conv1.weight, "cls_token": visual.class_embedding.reshape(1, 1, -1),
+             "pos_embed": visual.positional_embedding.unsqueeze(0)}
+    pairs = {"norm_pre": visual.ln_pre, "norm": visual.ln_post}
+    for i, block in enumerate(blocks):
+        state[f"blocks.{i}.attn.qkv.weight"] = block.attn.in_proj_weight
+        state[f"blocks.{i}.attn.qkv.bias"] = block.attn.in_proj_bias
+        pairs.update({f"blocks.{i}.norm1": block.ln_1, f"blocks.{i}.norm2": block.ln_2,
+                      f"blocks.{i}.attn.proj": block.attn.out_proj, f"blocks.{i}.mlp.fc1": block.mlp.c_fc,
+                      f"blocks.{i}.mlp.fc2": block.mlp.c_proj})
+        if gamma is not None:
+            state[f"blocks.{i}.ls1.gamma"], state[f"blocks.{i}.ls2.gamma"] = block.ls_1.gamma, block.ls_2.gamma
+    for prefix, module in pairs.items():
+        state.update({f"{prefix}.{k}": v for k, v in module.state_dict().items()})
+    head = {k: v for k, v in model.state_dict().items() if k.startswith("head.")}
+    missing = set(model.state_dict()) - set(state) - set(head)
+    if missing:
+        raise ModelLoadError(f"open_clip tower -> timm: no weights for {sorted(missing)[:4]}")
+    model.load_state_dict({**state, **head})
+    from .data.images import CLIP_MEAN, CLIP_STD
+
+    model.pretrained_cfg = {**(getattr(model, "pretrained_cfg", None) or {}), "mean": tuple(CLIP_MEAN),
+                            "std": tuple(CLIP_STD), "input_size": (3, visual.image_size, visual.image_size)}
+    return model
+
+
+def load_classifier(name: str, pretrained: str | None, num_classes: int, device="cpu"):
+    """A timm image classifier with a ``num_classes`` head, in eval mode on ``device``.
+
+    ``name`` is ``timm:ARCH`` (any timm model name, with or without a pretrained tag) or
+    ``timm:tiny`` (the built-in tiny CLIP's image tower, converted: ``vit_from_open_clip``).
+    ``pretrained``: none / random (random weights), or a local checkpoint file, loaded strictly
+    (``load_classifier_weights``; its classifier is dropped when its class count differs); never
+    a download."""
+    arch = str(name)[len(CLASSIFIER_PREFIX):]
+    if arch in TINY_NAMES:
+        own = pretrained if pretrained and Path(str(pretrained)).expanduser().is_file() else None
+        return vit_from_open_clip(load_tiny_clip(own).visual, num_classes).to(device).eval()
+    try:
+        import timm
+    except ImportError:  # pragma: no cover - timm comes with open_clip
+        raise ModelLoadError(f"--model {name} needs timm (pip install timm)") from None
+    if not timm.is_model(timm.models.get_arch_name(arch)):
+        raise ModelLoadError(f"--model {name}: {arch!r} is not a timm model (timm.list_models('vit_*') lists them); "
+                             "or use timm:tiny (built in)")
+    try:
+        model = timm.create_model(arch, num_classes=num_classes)
+    except Exception as exc:  # a name timm knows but cannot build (a missing optional dependency, ...)
+        raise ModelLoadError(f"could not build {arch}: {type(exc).__name__}: {exc}") from exc
+    if pretrained not in RANDOM:
+        load_classifier_weights(model, arch, pretrained)
+    return model.to(device).eval()
+
+
+def load_classifier_weights(model, arch: str, pretrained) -> None:
+    """A local checkpoint into a timm classifier, strictly: timm's own reader (safetensors, torch
+    files, nested 'state_dict' / 'model' keys) and the architecture's own checkpoint filter
+    (position-embedding resampling, other layouts); the classifier is kept only when its shape
+    fits the classes. Any other missing or unexpected weight is an error naming them (timm's own
+    pretrained loading would warn and go on with random weights)."""
+    import sys
+
+    from timm.models import load_state_dict
+
+    path = Path(str(pretrained)).expanduser()
+    if not path.is_file():
+        raise ModelLoadError(f"--pretrained {pretrained!r}: for a timm model give a local checkpoint file "
+                             "(.safetensors, .pth, .bin) or none (random weights); fastdpl never downloads. "
+                             "On a connected machine: timm.create_model(NAME, pretrained=True), then pass the "
+                             "file from the Hugging Face cache")
+    try:
+        state = load_state_dict(str(path))
+        filter_fn = getattr(sys.modules[type(model).__module__], "checkpoint_filter_fn", None)
+        state = filter_fn(state, model) if filter_fn else state
+    except Exception as exc:  # not a checkpoint, or one the filter cannot read
+        raise ModelLoadError(f"--pretrained {path}: not a {arch} checkpoint ({type(exc).__name__}: {exc})") from exc
+    head = (model.pretrained_cfg or {}).get("classifier", "head")
+    own = model.state_dict()
+    state = {k: v for k, v in state.items()
+             if not (k.startswith(head + ".") and k in own and tuple(v.shape) != tuple(own[k].shape))}
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as exc:  # a shape mismatch outside the head
+        raise ModelLoadError(f"--pretrained {path} does not fit {arch}: {exc}") from exc
+    missing = [k for k in missing if not k.startswith(head + ".")]
+    if missing or unexpected:
+        raise ModelLoadError(f"--pretrained {path} does not fit {arch}: missing {missing[:4]}, "
+                             f"unexpected {list(unexpected)[:4]} ({len(missing)} and {len(unexpected)} in all)")
+
+
+def classifier_stats(model) -> tuple:
+    """(mean, std) a timm classifier's images are normalised with (its pretrained config's)."""
+    from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    return tuple(cfg.get("mean", IMAGENET_DEFAULT_MEAN)), tuple(cfg.get("std", IMAGENET_DEFAULT_STD))
+
+
+def classifier_image_size(model) -> int:
+    """The square input size a timm ViT classifier was built for."""
+    size = model.patch_embed.img_size
+    size = size if isinstance(size, (tuple, list)) else (size, size)
+    if size[0] != size[1]:
+        raise ModelLoadError(f"{type(model).__name__} expects {size[0]}x{size[1]} images; fastdpl's loaders make "
+                             "square ones")
+    return int(size[0])

@@ -18,6 +18,7 @@ its own parameter group "head"); ``reset_head`` re-initialises it for the train 
 """
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 import torch
@@ -30,6 +31,7 @@ from .ops import IMPLS
 from .profiling import nvtx_range
 
 STACK = "image"
+INITS = ("normal", "vpt")
 VIT_LENGTHS = (0, 1, 5, 10)  # VPT's default length 5 and NOAH's per-layer choices {1, 5, 10}, and none
 
 
@@ -64,15 +66,27 @@ class FastDPLViT(BankHolder, nn.Module):
         candidate_lengths: distinct non-negative prompt lengths searched per block.
         config: a PromptConfig over the stack "image" (fixed mode), e.g. ``dpl.derive_config()``.
         impl: op engine: "auto" (Triton on CUDA, eager otherwise), "eager", "triton" or "reference".
-        generator: draws the initial prompts (N(0, 0.02^2)) and alpha; a private one seeded 0 when
-            None, so the global RNG is never touched and the same arguments give the same prompts.
+        generator: draws the initial prompts and alpha; a private one seeded 0 when None, so the
+            global RNG is never touched and the same arguments give the same prompts.
+        init: the prompts' start: "normal" N(0, 0.02^2) (fastdpl's) or "vpt" (VPT's: uniform on
+            +-sqrt(6 / (3 p^2 + W)), a Xavier bound over a p x p patch's pixels and the width W).
+        prompt_dropout: VPT's dropout on the prompt tokens while training, an independent mask for
+            every image (fixed mode only: a supernet's candidates are shared by the batch).
     """
 
     def __init__(self, model: nn.Module, *, mode: str = "search", candidate_lengths: Sequence[int] = VIT_LENGTHS,
-                 config: PromptConfig | None = None, impl: str = "auto", generator: torch.Generator | None = None):
+                 config: PromptConfig | None = None, impl: str = "auto", generator: torch.Generator | None = None,
+                 init: str = "normal", prompt_dropout: float = 0.0):
         super().__init__()
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        if init not in INITS:
+            raise ValueError(f"init must be one of {INITS}, got {init!r}")
+        if not 0.0 <= prompt_dropout < 1.0:
+            raise ValueError(f"prompt_dropout must be in [0, 1), got {prompt_dropout!r}")
+        if prompt_dropout and mode == "search":
+            raise ValueError("prompt_dropout is VPT's per-image dropout of fixed prompts; a search shares its "
+                             "candidates across the batch: use it in fixed mode (the train stage)")
         self.set_impl(impl)  # validates it
         check_classifier(model)
         tower = make_tower(STACK, model.blocks, causal=False)
@@ -83,6 +97,9 @@ class FastDPLViT(BankHolder, nn.Module):
                       noun="tower")
         self.bank = PromptBank([stack], mode=mode, candidate_lengths=candidate_lengths, config=config,
                                generator=generator)
+        if init == "vpt":
+            self._vpt_init(model, generator)
+        self.init, self.prompt_dropout = init, float(prompt_dropout)
         self.model = model
         model.requires_grad_(False)
         for p in self.head_parameters():
@@ -90,6 +107,16 @@ class FastDPLViT(BankHolder, nn.Module):
         # the head reads one row only with class-token pooling; 'avg' and 'map' read every patch row
         self._pooled_row = model.global_pool == "token" and model.attn_pool is None and model.cls_token is not None
         self.bank.to(next(model.parameters()).device)
+
+    def _vpt_init(self, model: nn.Module, generator: torch.Generator | None) -> None:
+        """VPT's prompt start: U(-b, b), b = sqrt(6 / (3 p_h p_w + W)), drawn after the bank's own draws."""
+        generator = generator if generator is not None else torch.Generator().manual_seed(0)
+        patch = model.patch_embed.patch_size
+        patch = patch if isinstance(patch, (tuple, list)) else (patch, patch)
+        with torch.no_grad():
+            for p in self.prompt_parameters():
+                bound = math.sqrt(6.0 / (3 * patch[0] * patch[1] + p.shape[-1]))
+                p.copy_(torch.rand(p.shape, generator=generator).mul_(2 * bound).sub_(bound))
 
     # ---- what a training loop needs ------------------------------------------------------------------
     def head_parameters(self) -> list[nn.Parameter]:
@@ -130,10 +157,11 @@ class FastDPLViT(BankHolder, nn.Module):
         """The prompts, alpha and the settings that rebuild them (the core's bank state), and the
         trained head's tensors."""
         return {"bank": self.bank.state(), "head": {k: v.detach().clone() for k, v in
-                                                    self.model.get_classifier().state_dict().items()}}
+                                                    self.model.get_classifier().state_dict().items()},
+                "prompt_dropout": self.prompt_dropout}
 
     def load_prompt_state_dict(self, state: dict) -> None:
-        if not isinstance(state, dict) or set(state) != {"bank", "head"}:
+        if not isinstance(state, dict) or not {"bank", "head"} <= set(state) <= {"bank", "head", "prompt_dropout"}:
             raise ValueError("not a FastDPLViT state (expected the keys 'bank' and 'head')")
         self.bank.load_state(state["bank"])
         self.model.get_classifier().load_state_dict(state["head"])
@@ -144,7 +172,7 @@ class FastDPLViT(BankHolder, nn.Module):
         settings = state.get("bank", {}).get("settings", {}) if isinstance(state, dict) else {}
         config = PromptConfig.from_dict(settings["config"]) if settings.get("config") else None
         dpl = cls(model, mode=settings.get("mode", "search"), candidate_lengths=settings.get("candidate_lengths") or (0,),
-                  config=config, impl=impl)
+                  config=config, impl=impl, prompt_dropout=state.get("prompt_dropout", 0.0))
         dpl.load_prompt_state_dict(state)
         return dpl
 
@@ -170,17 +198,24 @@ class FastDPLViT(BankHolder, nn.Module):
             with nvtx_range(name):
                 found = self.bank.block_prompts(STACK, b, x.dtype)
                 kv, lengths, weights = (None, None, None) if found is None else \
-                    (project_prompts(block, found[0]), found[1], found[2])
+                    (project_prompts(block, self._dropped(found[0], x.shape[0])), found[1], found[2])
                 x = prompted_block(block, x, kv, lengths, weights, False, self.impl,
                                    keep_rows=keep if b == last else None, name=name)
         return x
+
+    def _dropped(self, prompts: torch.Tensor, batch: int) -> torch.Tensor:
+        """The block's prompts, with VPT's dropout in training: (B, P, W), a mask per image."""
+        if not (self.training and self.prompt_dropout):
+            return prompts
+        return nn.functional.dropout(prompts.expand(batch, -1, -1), self.prompt_dropout, training=True)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """Class logits (B, num_classes): timm's own final norm and head on the prompted tokens."""
         return self.model.forward_head(self.model.norm(self.forward_features(images)))
 
     def extra_repr(self) -> str:
-        return f"model={type(self.model).__name__}, {self.bank.extra_repr()}, impl={self.impl!r}"
+        dropout = f", prompt_dropout={self.prompt_dropout}" if self.prompt_dropout else ""
+        return f"model={type(self.model).__name__}, {self.bank.extra_repr()}, impl={self.impl!r}{dropout}"
 
 
 __all__ = ["FastDPLViT", "VIT_LENGTHS", "check_classifier"]

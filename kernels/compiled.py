@@ -63,6 +63,11 @@ LM_LENGTHS = (0, 4, 8, 16, 32, 64)
 LM_SEQ_LENS = (512, 2048)
 LM_HEAD_DIMS = (64, 128)
 LM_PRECISIONS = [("float32", "tf32x3"), ("bfloat16", None)]
+# ViT classifier rows (fastdpl.vit): ViT-B/16's image tower (197 tokens, 12 heads of 64), not
+# causal, VPT-deep's candidate lengths; CI compiles bf16 and fp32 as users get it, full all four.
+VIT_LENGTHS = (0, 1, 5, 10)  # fastdpl.vit.VIT_LENGTHS (not imported: it would import timm here)
+VIT_N, VIT_HEAD_DIM = 197, 64
+VIT_CI_PRECISIONS = [("float32", "tf32x3"), ("bfloat16", None)]
 
 
 @dataclass(frozen=True)
@@ -73,12 +78,13 @@ class Variant:
     n: int
     causal: bool
     arch: str
-    family: str = "clip"  # "lm": grouped-query heads, a key mask and the LM candidate lengths
+    family: str = "clip"  # "lm": grouped-query heads, a key mask and the LM candidate lengths; "vit": VIT_LENGTHS
 
     def label(self):
         prec = f"/{self.precision}" if self.precision else ""
-        lm = f" lm GQA{LM_HEADS}/{LM_KV_HEADS} masked" if self.family == "lm" else ""
-        return f"{self.arch} {self.dtype}{prec} D{self.head_dim} N{self.n}{' causal' if self.causal else ''}{lm}"
+        family = {"lm": f" lm GQA{LM_HEADS}/{LM_KV_HEADS} masked", "vit": f" vit lengths {list(VIT_LENGTHS)}"}
+        return (f"{self.arch} {self.dtype}{prec} D{self.head_dim} N{self.n}{' causal' if self.causal else ''}"
+                f"{family.get(self.family, '')}")
 
 
 def lm_rows(arches=ARCHES) -> list[Variant]:
@@ -87,9 +93,15 @@ def lm_rows(arches=ARCHES) -> list[Variant]:
             itertools.product(arches, LM_PRECISIONS, LM_HEAD_DIMS, LM_SEQ_LENS)]
 
 
+def vit_rows(arches=ARCHES, precisions=PRECISIONS) -> list[Variant]:
+    """ViT-B/16 with VPT-deep's candidate lengths, in each precision, on every arch."""
+    return [Variant(d, p, VIT_HEAD_DIM, VIT_N, False, a, "vit") for a, (d, p) in itertools.product(arches, precisions)]
+
+
 def full_matrix(arches=ARCHES) -> list[Variant]:
     return [Variant(d, p, h, n, c, a) for a, (d, p), h, n, c in
-            itertools.product(arches, PRECISIONS, HEAD_DIMS, SEQ_LENS, (False, True))] + lm_rows(arches)
+            itertools.product(arches, PRECISIONS, HEAD_DIMS, SEQ_LENS, (False, True))] + lm_rows(arches) + \
+        vit_rows(arches)
 
 
 def ci_subset(arches=ARCHES) -> list[Variant]:
@@ -100,7 +112,7 @@ def ci_subset(arches=ARCHES) -> list[Variant]:
     for a in arches:
         for i, ((d, p), h) in enumerate(itertools.product(PRECISIONS, HEAD_DIMS)):
             out.append(Variant(d, p, h, SEQ_LENS[i % len(SEQ_LENS)], bool((i // len(SEQ_LENS)) % 2), a))
-    return out + lm_rows(arches)
+    return out + lm_rows(arches) + vit_rows(arches, VIT_CI_PRECISIONS)
 
 
 def smoke_matrix(arches=("sm90",)) -> list[Variant]:
@@ -126,6 +138,7 @@ def launches_for(variant: Variant, batch: int = 2, device: str = "cpu"):
         # q, k, v as strided views of one packed projection, the layout the towers produce.
         packed = torch.empty(batch, n, 3, HEADS[d], d, dtype=dtype, device=device)
         q, k, v = packed.permute(2, 0, 3, 1, 4).unbind(0)
+        lengths = VIT_LENGTHS if variant.family == "vit" else lengths
     prompts = torch.empty(2, k.shape[1], sum(lengths), d, dtype=dtype, device=device)
     weights = torch.full((len(lengths),), 1 / len(lengths), device=device)
     previous = mixture_attention._fp32_precision, torch.backends.cuda.matmul.allow_tf32

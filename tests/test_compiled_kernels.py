@@ -10,8 +10,8 @@ users get it by default (tf32x3) or with TF32 allowed. Only the one-hot per-cand
 gathers stay on FMA, on purpose (exact fp32 sums).
 
 CI compiles a covering subset (every precision x head dim on every part, N and mask
-cycling through the tile table's rows, and every language-model row: grouped-query heads,
-a key mask, N 512 and 2048); FASTDPL_COMPILE_MATRIX=full compiles the whole
+cycling through the tile table's rows, every language-model row: grouped-query heads,
+a key mask, N 512 and 2048; and ViT-B/16 with VPT-deep's lengths); FASTDPL_COMPILE_MATRIX=full compiles the whole
 matrix (the tables committed in benchmarks/results/, one per Triton version, come from
 that run). The compilation runs in a subprocess: the kernels of this process are
 interpreted when TRITON_INTERPRET=1 (CI), and interpreted kernels cannot be compiled.
@@ -67,6 +67,17 @@ def test_language_model_rows_are_compiled(compiled_rows):
                                                       compiled.LM_SEQ_LENS)
                 for kernel in ("forward", "prompt_bwd", "kv_bwd", "q_bwd")}
     assert lm == expected
+
+
+def test_vit_rows_are_compiled(compiled_rows):
+    """ViT-B/16's image tower (197 tokens, 12 heads of 64, not causal) with VPT-deep's candidate
+    lengths (0, 1, 5, 10) in bf16 and fp32 on every part, all four launches each."""
+    from fastdpl.kernels import compiled
+
+    vit = {(r["arch"], r["dtype"], r["kernel"]) for r in compiled_rows if r["family"] == "vit"}
+    precisions = compiled.PRECISIONS if MATRIX == "full" else compiled.VIT_CI_PRECISIONS
+    assert vit == {(compiled.TARGETS[a].arch, d, kernel) for a in compiled.ARCHES for d, _ in precisions
+                   for kernel in ("forward", "prompt_bwd", "kv_bwd", "q_bwd")}
 
 
 def test_no_register_spills(compiled_rows):

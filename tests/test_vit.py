@@ -161,3 +161,53 @@ def test_state_rebuilds_itself(mode):
         again.load_prompt_state_dict({"prompts": 1})
     with pytest.raises(ValueError):
         FastDPLViT.from_state(tiny_vit(depth=2), state)  # another depth: the bank refuses, naming it
+
+
+# ---- VPT's prompt start and prompt dropout ----------------------------------------------------------
+def test_vpt_init_is_uniform_within_the_xavier_bound_of_a_patch():
+    """VPT's start: U(-b, b), b = sqrt(6 / (3 p^2 + W)); drawn from the generator, not the global RNG."""
+    import math
+
+    model = tiny_vit()
+    state = torch.random.get_rng_state()
+    dpl = FastDPLViT(model, mode="fixed", config=PromptConfig({"image": (40, 0, 25)}, stacks=("image",)),
+                     init="vpt", generator=torch.Generator().manual_seed(3))
+    assert torch.equal(torch.random.get_rng_state(), state)
+    bound = math.sqrt(6.0 / (3 * 4 * 4 + 24))
+    values = torch.cat([p.detach().flatten() for p in dpl.prompt_parameters()])
+    assert values.abs().max() <= bound and values.abs().max() > 0.97 * bound
+    assert abs(values.mean().item()) < 0.05 * bound and values.std().item() == pytest.approx(bound / math.sqrt(3), rel=0.05)
+    again = FastDPLViT(tiny_vit(), mode="fixed", config=PromptConfig({"image": (40, 0, 25)}, stacks=("image",)),
+                       init="vpt", generator=torch.Generator().manual_seed(3))
+    assert all(torch.equal(a, b) for a, b in zip(dpl.prompt_parameters(), again.prompt_parameters()))
+    with pytest.raises(ValueError, match="init must be one of"):
+        FastDPLViT(model, init="xavier")
+
+
+def test_prompt_dropout_is_a_mask_per_image_in_training_only():
+    """Training: each image's prompts dropped by its own mask (the literal VPT-deep forward on the same
+    masks, drawn in block order from the global RNG as torch's dropout draws them); eval: no dropout."""
+    model = tiny_vit().double()
+    lengths, p = (3, 0, 5), 0.3
+    dpl = FastDPLViT(model, mode="fixed", config=PromptConfig({"image": lengths}, stacks=("image",)),
+                     impl="eager", prompt_dropout=p).double()
+    randomize(dpl)
+    x = images(batch=4, dtype=torch.float64)
+    dpl.train()
+    torch.manual_seed(11)
+    ours = dpl(x)
+    torch.manual_seed(11)
+    dropped = [None if n == 0 else torch.nn.functional.dropout(dpl.prompt("image", b, n).expand(4, -1, -1), p)
+               for b, n in enumerate(lengths)]
+    assert not torch.equal(dropped[0][0], dropped[0][1])  # the masks differ between images
+    torch.testing.assert_close(ours, literal_vpt_deep(model, dropped, x), rtol=1e-10, atol=1e-12)
+    dpl.eval()
+    plain = [dpl.prompt("image", b, n) if n else None for b, n in enumerate(lengths)]
+    torch.testing.assert_close(dpl(x), literal_vpt_deep(model, plain, x), rtol=1e-10, atol=1e-12)
+    with pytest.raises(ValueError, match="prompt_dropout is VPT's per-image dropout of fixed prompts"):
+        FastDPLViT(tiny_vit(), prompt_dropout=0.1)
+    with pytest.raises(ValueError, match=r"prompt_dropout must be in \[0, 1\)"):
+        FastDPLViT(tiny_vit(), mode="fixed", config=PromptConfig({"image": lengths}, stacks=("image",)),
+                   prompt_dropout=1.0)
+    rebuilt = FastDPLViT.from_state(tiny_vit(), dpl.prompt_state_dict())
+    assert rebuilt.prompt_dropout == p

@@ -21,6 +21,12 @@ Layouts (folder under the root: what it must hold):
 * Your own: ``folder:PATH`` (one sub-folder of images per class, or
   ``train/ val/ test/`` each holding one per class) or ``json:PATH`` (a split
   file in the CoOp format, image paths relative to the file's folder).
+* VTAB-1k: ``vtab:PATH``, a task folder with the lists ``train800.txt``,
+  ``val200.txt``, ``train800val200.txt`` and ``test.txt`` (``relative/image/path label``
+  per line, as VPT and NOAH ship them) and optionally ``classnames.txt`` (one name per
+  line, in label order; else "class 0", "class 1", ...). train800 trains the search's
+  prompts, val200 its alpha, and the train stage trains on train800val200 (VTAB's final
+  runs); the test list is the test set.
 """
 from __future__ import annotations
 
@@ -51,6 +57,13 @@ class DatasetSplits:
     train: list = field(default_factory=list)
     val: list = field(default_factory=list)
     test: list = field(default_factory=list)
+    trainval: list | None = None  # what the train stage trains on when a layout names it (VTAB-1k)
+
+    @property
+    def final_train(self) -> list:
+        """The train stage's training samples: the train and validation lists together where the
+        layout has one (VTAB-1k's train800val200), else the training split."""
+        return self.trainval if self.trainval is not None else self.train
 
     @property
     def num_classes(self) -> int:
@@ -101,7 +114,8 @@ def dataset_table() -> str:
         rows.append((name, f"{folder}/", f"{images}/{inner}, classnames.txt"))
     rows += [("builtin:digits", "(none)", "scikit-learn's handwritten digits, shipped: runs offline"),
              ("folder:PATH", "(PATH)", "one sub-folder of images per class, or train/ val/ test/ folders of them"),
-             ("json:PATH", "(PATH)", "a CoOp split file; image paths relative to its folder")]
+             ("json:PATH", "(PATH)", "a CoOp split file; image paths relative to its folder"),
+             ("vtab:PATH", "(PATH)", "a VTAB-1k task: train800.txt, val200.txt, train800val200.txt, test.txt")]
     width = max(len(r[0]) for r in rows), max(len(r[1]) for r in rows)
     lines = [f"{'--dataset':<{width[0]}}  {'folder under --root':<{width[1]}}  needs", "-" * (sum(width) + 40)]
     lines += [f"{a:<{width[0]}}  {b:<{width[1]}}  {c}" for a, b, c in rows]
@@ -111,8 +125,9 @@ def dataset_table() -> str:
 def canonical_name(name: str) -> str:
     key = name.strip().lower().replace(" ", "_")
     key = ALIASES.get(key, key)
-    if key not in DATASETS and not key.startswith(("folder:", "json:", "builtin:")):
-        raise DatasetError(f"unknown dataset {name!r}; known: {', '.join(DATASETS)}, or folder:PATH / json:PATH")
+    if key not in DATASETS and not key.startswith(("folder:", "json:", "builtin:", "vtab:")):
+        raise DatasetError(f"unknown dataset {name!r}; known: {', '.join(DATASETS)}, or folder:PATH / json:PATH / "
+                           "vtab:PATH")
     return key
 
 
@@ -234,6 +249,42 @@ def _read_fgvc_aircraft(root: Path) -> DatasetSplits:
     return DatasetSplits("fgvc_aircraft", variants, **splits)
 
 
+VTAB_LISTS = {"train": "train800.txt", "val": "val200.txt", "trainval": "train800val200.txt", "test": "test.txt"}
+
+
+def _read_image_list(path: Path, folder: Path) -> list:
+    """(relative path, label) per line of a VTAB list file; errors name the file and line."""
+    rows = []
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        parts = line.split()
+        if len(parts) < 2 or not parts[-1].lstrip("-").isdigit() or int(parts[-1]) < 0:
+            raise DatasetError(f"{path}, line {number}: expected 'relative/image/path label', got {line!r}")
+        rows.append((folder / " ".join(parts[:-1]), int(parts[-1])))
+    if not rows:
+        raise DatasetError(f"{path} lists no images")
+    return rows
+
+
+def read_vtab(folder: Path) -> DatasetSplits:
+    """A VTAB-1k task folder (the module docstring's vtab:PATH)."""
+    folder = _require(folder, "VTAB-1k task folder", "give vtab:PATH, the folder holding train800.txt and the others")
+    lists = {split: _read_image_list(_require(folder / file, "VTAB-1k list", f"put {file} in {folder}"), folder)
+             for split, file in VTAB_LISTS.items()}
+    num_classes = 1 + max(label for rows in lists.values() for _, label in rows)
+    names_file = folder / "classnames.txt"
+    if names_file.is_file():
+        classnames = [line.strip() for line in names_file.read_text().splitlines() if line.strip()]
+        if len(classnames) < num_classes:
+            raise DatasetError(f"{names_file} names {len(classnames)} classes but the lists use labels up to "
+                               f"{num_classes - 1}")
+    else:
+        classnames = [f"class {i}" for i in range(num_classes)]
+    samples = {split: [Sample(path, label, classnames[label]) for path, label in rows] for split, rows in lists.items()}
+    return DatasetSplits(f"vtab:{folder}", classnames, **samples)
+
+
 def _read_user_folder(path: Path, seed: int = 1) -> DatasetSplits:
     path = _require(path, "image folder", "give folder:PATH with one sub-folder of images per class")
     if (path / "train").is_dir() and (path / "test").is_dir():
@@ -267,6 +318,8 @@ def load_dataset(name: str, root: str | Path | None = None) -> DatasetSplits:
     if key.startswith("json:"):
         split_file = _require(Path(name.split(":", 1)[1]).expanduser(), "split file", "give json:PATH")
         return read_split_json(split_file, split_file.parent, f"json:{split_file}")
+    if key.startswith("vtab:"):
+        return read_vtab(Path(name.split(":", 1)[1]).expanduser())
     if root is None:
         raise DatasetError(f"dataset {name!r} needs a data root (--root DIR holding one folder per dataset)")
     root = _require(Path(root).expanduser(), "data root", "point --root at the folder holding the datasets")

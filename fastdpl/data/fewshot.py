@@ -54,6 +54,9 @@ def fewshot_splits(splits: DatasetSplits, shots: int | None, seed: int, cache_di
     """
     if shots is None:
         return splits
+    if splits.trainval is not None:
+        raise DatasetError(f"{splits.name}: its lists are already the few-shot sets (VTAB-1k's 800 + 200 images): "
+                           "pass --shots none")
     cache = Path(cache_dir) / f"shot_{shots}-seed_{seed}.json" if cache_dir else None
     sizes = {"train": len(splits.train), "val": len(splits.val)}
     if cache is not None and cache.is_file():

@@ -10,9 +10,10 @@ CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
-def clip_transform(image_size: int, train: bool, crop_scale=(0.08, 1.0), flip: bool = True):
-    """CLIP's test preprocessing; for training CoOp's random resized crop and horizontal flip."""
-    normalize = T.Normalize(CLIP_MEAN, CLIP_STD)
+def clip_transform(image_size: int, train: bool, crop_scale=(0.08, 1.0), flip: bool = True, stats=None):
+    """CLIP's test preprocessing; for training CoOp's random resized crop and horizontal flip.
+    ``stats``: (mean, std) of the normalisation (default CLIP's; a timm model's own for a classifier)."""
+    normalize = T.Normalize(*(stats or (CLIP_MEAN, CLIP_STD)))
     if train:
         return T.Compose([T.RandomResizedCrop(image_size, scale=tuple(crop_scale),
                                               interpolation=T.InterpolationMode.BICUBIC),

@@ -67,6 +67,12 @@ class RunConfig:
     distill_weight: float = 0.0
     distill_temperature: float = 1.0
     distill_teacher: str = "ensemble"  # ensemble: all 60 templates; last: the last one only (the authors' code)
+    schedule: str = "cosine"  # cosine: constant warm-up then cosine (Dassl's); vpt: linear warm-up, cosine to 0
+    # timm ViT classifiers (--model timm:NAME)
+    preset: str = "none"  # vpt: VPT-deep's reference settings for every setting not given
+    head_lr: float | None = None  # the classifier head's learning rate; none: lr
+    prompt_init: str = "normal"  # normal: N(0, 0.02^2); vpt: VPT's uniform Xavier bound
+    prompt_dropout: float = 0.0  # VPT's dropout on the prompt tokens (train stage)
     # evaluation
     eval_batch_size: int = 100
     eval_datasets: list = field(default_factory=list)  # cross-dataset / domain shift, after the own test set
@@ -107,6 +113,11 @@ class RunConfig:
             raise ValueError("ctx_init must be words such as 'a photo of a', or none")
         if self.tpt_augmix not in ("auto", "true", "false", True, False):
             raise ValueError(f"tpt_augmix must be auto, true or false, got {self.tpt_augmix!r}")
+        if not 0.0 <= self.prompt_dropout < 1.0:
+            raise ValueError(f"prompt_dropout must be in [0, 1), got {self.prompt_dropout!r}")
+        if self.head_lr is not None and self.head_lr <= 0:
+            raise ValueError(f"head_lr must be > 0 or none, got {self.head_lr!r}")
+        check_family_settings(self)
         return self
 
     def to_dict(self) -> dict:
@@ -114,7 +125,48 @@ class RunConfig:
 
 
 _HINTS = typing.get_type_hints(RunConfig)
-METHODS = ("dpl", "coop", "cocoop", "zero_shot", "uniform:LENGTH:DEPTH")
+METHODS = ("dpl", "coop", "cocoop", "zero_shot", "linear", "uniform:LENGTH:DEPTH")
+CLASSIFIER_METHODS = ("dpl", "linear")  # and uniform:LENGTH:DEPTH
+CLASSIFIER_SETTINGS = ("preset", "head_lr", "prompt_init", "prompt_dropout")  # a classifier's own
+
+
+def check_family_settings(cfg: RunConfig) -> None:
+    """A ValueError naming a setting the model family cannot use: a CLIP's text side (templates,
+    tokenizer, CoOp / CoCoOp, zero-shot, base-to-new, cross-dataset, distillation towards
+    zero-shot CLIP, text towers) for a timm classifier, a classifier's own settings for a CLIP."""
+    from ..models import is_classifier
+
+    defaults = RunConfig.__dataclass_fields__
+    changed = {name for name in defaults if getattr(cfg, name) != _default(name)}
+    if not is_classifier(cfg.model):
+        own = sorted(changed & set(CLASSIFIER_SETTINGS))
+        if own or cfg.method == "linear":
+            what = ", ".join(f"--{n.replace('_', '-')}" for n in own) or "--method linear"
+            raise ValueError(f"{what}: settings of timm image classifiers (--model timm:NAME), not of a CLIP "
+                             f"(--model {cfg.model})")
+        return
+    text_side = {"template": "class-name templates", "tokenizer": "a text tokenizer", "subsample": "base-to-new "
+                 "(new classes need class texts)", "eval_datasets": "cross-dataset evaluation (other label sets "
+                 "need class texts)", "distill_weight": "distillation towards zero-shot CLIP"}
+    for name in sorted(changed & set(text_side)):
+        raise ValueError(f"--{name.replace('_', '-')}: {text_side[name]} is CLIP-only; a timm classifier "
+                         f"({cfg.model}) has a trained head and no text side")
+    if not (cfg.method in CLASSIFIER_METHODS or cfg.method.startswith("uniform:")):
+        raise ValueError(f"--method {cfg.method} is CLIP-only (it needs class texts): a timm classifier trains "
+                         "dpl, linear (the head alone) or uniform:LENGTH:DEPTH (VPT-deep)")
+    if set(cfg.search_towers) != {"image"}:
+        raise ValueError(f"--search-towers {','.join(cfg.search_towers)}: a timm classifier has one tower, image")
+    if cfg.init != "normal":
+        raise ValueError("--init paper is the authors' CLIP search init; a timm classifier's prompts start from "
+                         "--prompt-init (normal or vpt)")
+
+
+def _default(name: str):
+    return _field_default(RunConfig.__dataclass_fields__[name])
+
+
+def _field_default(f):
+    return f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
 
 
 def check_method(method: str) -> str:
@@ -168,9 +220,10 @@ SETTINGS = {
     "workers": ("data", _EVAL, "DataLoader worker processes (does not change results)", None),
     "crop_scale": ("data", _TRAINING, "random resized crop scale range, as LOW,HIGH (training)", None),
     "flip": ("data", _TRAINING, "random horizontal flips (training)", ("true", "false")),
-    "model": ("model", _EVAL, "open_clip model name, a local Hugging Face CLIP/SigLIP folder, or tiny (the "
-              "built-in CLIP)", None),
-    "pretrained": ("model", _EVAL, "open_clip pretrained tag or file; none: random weights", None),
+    "model": ("model", _EVAL, "open_clip model name, a local Hugging Face CLIP/SigLIP folder, tiny (the "
+              "built-in CLIP), or timm:NAME (a timm ViT classifier; timm:tiny: the tiny CLIP's image tower)", None),
+    "pretrained": ("model", _EVAL, "open_clip pretrained tag or file; for timm:NAME a checkpoint file; none: "
+                   "random weights", None),
     "tokenizer": ("model", _EVAL, "class texts to token ids: auto (the model's own: a Hugging Face folder's "
                   "tokenizer files, open_clip's for SigLIP, else CLIP's BPE), clip, or a Hugging Face tokenizer "
                   "folder", None),
@@ -202,7 +255,7 @@ SETTINGS = {
     "warmup_epochs": ("training", _TRAINING, "epochs at the constant warm-up learning rate", None),
     "warmup_lr": ("training", _TRAINING, "warm-up learning rate", None),
     "method": ("training", ("train",), "what the train stage learns: dpl (the searched configuration), coop, cocoop, "
-               "zero_shot or uniform:LENGTH:DEPTH; coop and cocoop bring their reference settings (lr, batch, "
+               "zero_shot, linear (a timm classifier's head alone) or uniform:LENGTH:DEPTH; coop and cocoop bring their reference settings (lr, batch, "
                "epochs, context) for every setting not given", None),
     "train_epochs": ("training", ("train",), "epochs of the train stage", None),
     "prompt_config": ("training", ("train",), "configuration: a PromptConfig JSON, zero_shot, uniform:LENGTH:DEPTH, "
@@ -217,6 +270,16 @@ SETTINGS = {
     "distill_temperature": ("training", ("train",), "temperature of the distillation term", None),
     "distill_teacher": ("training", ("train",), "teacher's templates: ensemble (all 60, averaged) or last (the "
                         "authors' code keeps only the last)", ("ensemble", "last")),
+    "schedule": ("training", _TRAINING, "learning-rate schedule per epoch: cosine (a constant warm-up at warmup_lr, "
+                 "then cosine: Dassl's, the authors') or vpt (linear warm-up from 0, then cosine to 0: VPT's)",
+                 ("cosine", "vpt")),
+    "preset": ("classifier", _TRAINING, "timm classifiers: vpt sets VPT-deep's reference settings (prompt init, "
+               "prompt dropout 0.1, schedule, epochs, batch, lr, weight decay) for every setting not given", ("none", "vpt")),
+    "head_lr": ("classifier", _TRAINING, "timm classifiers: learning rate of the classifier head; none: --lr", None),
+    "prompt_init": ("classifier", _TRAINING, "timm classifiers: prompt start, normal = N(0, 0.02^2) or vpt = "
+                    "U(-b, b), b = sqrt(6 / (3 patch^2 + width)) (VPT's)", ("normal", "vpt")),
+    "prompt_dropout": ("classifier", ("train",), "timm classifiers: VPT's dropout on the prompt tokens, a mask per "
+                       "image (train stage)", None),
     "eval_batch_size": ("evaluation", _EVAL, "images per evaluation batch", None),
     "eval_datasets": ("evaluation", _EVAL, "more test sets (cross-dataset, domain shift), as a,b,c", None),
     "tpt_views": ("tpt", ("tpt",), "views per test image (the original and augmented ones)", None),
@@ -325,11 +388,27 @@ METHOD_PRESETS = {
 }
 
 
+# A timm classifier's defaults where they differ from a CLIP's: VPT-deep's lengths (none, 1 as NOAH,
+# 5 as VPT's default, 10), its one tower, and random weights unless a checkpoint file is given.
+CLASSIFIER_DEFAULTS = dict(candidate_lengths=[0, 1, 5, 10], search_towers=["image"], pretrained=None)
+# --preset vpt: VPT-deep's reference settings (KMnP/vpt configs/base-prompt.yaml and prompt/*.yaml,
+# README's runs): SGD momentum 0.9, weight decay 0.01 and lr 0.1 (CUB's; VPT tunes both per task on
+# the validation split), 100 epochs after 10 of linear warm-up, batch 64, prompt dropout 0.1, its init.
+PRESETS = {"vpt": dict(prompt_init="vpt", prompt_dropout=0.1, schedule="vpt", warmup_epochs=10, train_epochs=100,
+                       search_epochs=100, batch_size=64, val_batch_size=64, lr=0.1, weight_decay=0.01, momentum=0.9)}
+
+
 def method_config(**given) -> RunConfig:
-    """A RunConfig from the settings ``given``, with the method's reference settings for the rest."""
-    preset = METHOD_PRESETS.get(given.get("method", RunConfig.method))
-    values = {**(preset({**RunConfig().to_dict(), **given}) if preset else {}), **given}
-    return RunConfig(**values).validate()
+    """A RunConfig from the settings ``given``, with the model family's, the preset's and the
+    method's reference settings for the rest (later ones win)."""
+    from ..models import is_classifier
+
+    values = {**RunConfig().to_dict(), **given}
+    defaults = dict(CLASSIFIER_DEFAULTS) if is_classifier(values["model"]) else {}
+    defaults.update(PRESETS.get(values["preset"], {}))
+    preset = METHOD_PRESETS.get(values["method"])
+    defaults.update(preset(values) if preset else {})
+    return RunConfig(**{**defaults, **given}).validate()
 
 
 def resolve_config(args: argparse.Namespace, **overrides) -> RunConfig:
@@ -356,5 +435,7 @@ def changed_settings(saved: dict, current, stage: str) -> list[str]:
     ignored = (schema.ignored_on_resume(stage) if schema is not None else
                RESUMABLE_CHANGES | set().union(*(s for k, s in STAGE_SETTINGS.items() if k != stage)))
     now = current.to_dict()
-    return [f"{name}: {saved.get(name)!r} -> {now[name]!r}" for name in now
-            if name not in ignored and saved.get(name) != now[name]]
+    # a setting newer than the checkpoint had its default value then
+    defaults = {f.name: _field_default(f) for f in fields(type(current))}
+    return [f"{name}: {saved.get(name, defaults[name])!r} -> {now[name]!r}" for name in now
+            if name not in ignored and saved.get(name, defaults[name]) != now[name]]

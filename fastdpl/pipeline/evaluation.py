@@ -35,9 +35,10 @@ def tally(job, classnames, batches, desc: str) -> dict:
 
 @torch.no_grad()
 def accuracy(job, module, samples, dataset: str = "", desc="eval") -> dict:
-    """Top-1 overall and per class on ``samples`` of ``dataset`` (CLIP test preprocessing)."""
+    """Top-1 overall and per class on ``samples`` of ``dataset`` (test preprocessing)."""
     module.eval()
-    loader = make_loader(samples, job.image_size, job.cfg.eval_batch_size, 0, Dist(), False, job.cfg.workers)
+    loader = make_loader(samples, job.image_size, job.cfg.eval_batch_size, 0, Dist(), False, job.cfg.workers,
+                         stats=job.stats)
 
     def batches():
         for images, labels in loader:

@@ -18,9 +18,10 @@ from .runtime import Dist
 class SeededImages(Dataset):
     """(image tensor, label); item ``(epoch, index)`` augments with a generator seeded by (seed, epoch, index)."""
 
-    def __init__(self, samples, image_size: int, train: bool, seed: int, crop_scale=(0.08, 1.0), flip=True):
+    def __init__(self, samples, image_size: int, train: bool, seed: int, crop_scale=(0.08, 1.0), flip=True,
+                 stats=None):
         self.samples = list(samples)
-        self.transform = clip_transform(image_size, train=train, crop_scale=crop_scale, flip=flip)
+        self.transform = clip_transform(image_size, train=train, crop_scale=crop_scale, flip=flip, stats=stats)
         self.train, self.seed = train, seed
 
     def __len__(self):
@@ -70,11 +71,13 @@ class EpochBatches(torch.utils.data.Sampler):
 
 
 def make_loader(samples, image_size: int, batch_size: int, seed: int, ranks: Dist, train: bool, workers: int,
-                shuffle: bool | None = None, crop_scale=(0.08, 1.0), flip=True):
-    """A DataLoader over ``samples``; call ``loader.batch_sampler.set_epoch(e)`` before each epoch."""
+                shuffle: bool | None = None, crop_scale=(0.08, 1.0), flip=True, stats=None):
+    """A DataLoader over ``samples``; call ``loader.batch_sampler.set_epoch(e)`` before each epoch.
+    ``stats``: the normalisation's (mean, std), default CLIP's."""
     if not samples:
         raise ValueError("no samples to load (is the split empty after few-shot sampling or subsampling?)")
-    dataset = SeededImages(samples, image_size, train=train, seed=seed, crop_scale=crop_scale, flip=flip)
+    dataset = SeededImages(samples, image_size, train=train, seed=seed, crop_scale=crop_scale, flip=flip,
+                           stats=stats)
     sampler = EpochBatches(len(dataset), batch_size, seed, ranks, shuffle=train if shuffle is None else shuffle,
                            drop_last=False)
     return DataLoader(dataset, batch_sampler=sampler, num_workers=workers, persistent_workers=False)

@@ -21,7 +21,7 @@ from ..data import fewshot_splits, load_dataset, subsample_classes
 from ..dtypes import at_least_float32
 from ..methods import CONTEXT_METHODS, CoOpPrompt
 from ..methods.context import STATE_FORMAT as CONTEXT_FORMAT
-from ..models import load_clip, load_tokenizer
+from ..models import is_classifier, load_clip, load_tokenizer
 from ..prompt import FastDPLPrompt
 from ..templates import CUSTOM_TEMPLATES, IMAGENET_TEMPLATES, resolve_template, tokenize_classes
 from ..adapters import adapt
@@ -44,6 +44,7 @@ class Job:
     image_size: int
     template: str = "default"  # the text input of this stage's prompt modules (stage_template)
     tokenizer: object = None  # texts -> token ids (models.load_tokenizer); None: CLIP's BPE
+    stats: tuple | None = None  # the images' normalisation (mean, std); None: CLIP's
 
     def out(self, stage: str) -> Path:
         path = Path(self.cfg.output) / stage
@@ -96,8 +97,15 @@ def build_dpl(job: Job, classnames, mode: str, config: PromptConfig | None = Non
 
 
 def block_counts(model) -> dict:
+    """Blocks per tower: a CLIP's two, a timm classifier's one (image)."""
+    if is_classifier_model(model):
+        return {"image": len(model.blocks)}
     adapter = adapt(model)
     return {"image": len(adapter.image.blocks), "text": len(adapter.text.blocks)}
+
+
+def is_classifier_model(model) -> bool:
+    return hasattr(model, "get_classifier") and hasattr(model, "blocks")
 
 
 # ---- search -------------------------------------------------------------------------------------------
@@ -107,19 +115,19 @@ def alpha_snapshot(dpl: FastDPLPrompt) -> dict:
 
 def run_search(cfg: RunConfig) -> dict:
     """Alternate Adam steps on alpha (validation batches) and SGD steps on prompts (training batches)."""
-    job = prepare(cfg, "search")
+    family = model_family(cfg)
+    job = family.prepare(cfg, "search")
     out = job.out("search")
-    dpl = build_dpl(job, job.splits.classnames, "search")
+    dpl = family.supernet(job)
     arch_opt = torch.optim.Adam(dpl.arch_parameters(), lr=cfg.arch_lr, betas=tuple(cfg.arch_betas),
                                 weight_decay=cfg.arch_weight_decay)
-    prompt_opt = torch.optim.SGD(dpl.prompt_parameters(), lr=cfg.lr, momentum=cfg.momentum,
-                                 weight_decay=cfg.weight_decay)
+    prompt_opt = family.optimizer(job, dpl)
     # The alpha steps' validation batches: test preprocessing (no augmentation), as the authors'
     # val loader; reshuffled passes ("cycle", fastdpl's) or the same first batch every step ("first").
     val = make_loader(job.splits.val, job.image_size, cfg.val_batch_size, cfg.seed + 1, job.ranks, train=False,
-                      workers=cfg.workers, shuffle=cfg.val_batches == "cycle")
+                      workers=cfg.workers, shuffle=cfg.val_batches == "cycle", stats=job.stats)
     training = Training(
-        dpl, wrap(dpl, job.ranks, job.device), {"arch": arch_opt, "prompt": prompt_opt},
+        dpl, family.net(job, dpl), {"arch": arch_opt, "prompt": prompt_opt},
         prompt_schedule(prompt_opt, cfg, cfg.search_epochs), cfg.search_epochs,
         validation=lambda epoch: cycle_batches(val, epoch) if cfg.val_batches == "cycle" else first_batch(val),
         record=lambda: {"alpha_entropy": alpha_entropy(dpl.arch_logits), "alpha": alpha_snapshot(dpl)},
@@ -159,13 +167,13 @@ def resolve_prompt_config(job: Job) -> tuple[PromptConfig, str]:
         if not Path(spec).is_file():
             raise FileNotFoundError(f"no --prompt-config given and no search result at {spec}: run "
                                     "`fastdpl search` first or pass a JSON file, 'zero_shot' or 'uniform:LEN:DEPTH'")
-    if spec == "zero_shot":
-        return PromptConfig.zero_shot(blocks), "zero_shot"
+    if spec in ("zero_shot", "linear"):  # no prompts: zero-shot CLIP, a classifier's head alone
+        return PromptConfig.zero_shot(blocks, towers=tuple(blocks)), spec
     if spec.startswith("uniform:"):
         parts = spec.split(":")
         if len(parts) != 3 or not all(p.isdigit() for p in parts[1:]):
             raise ValueError(f"prompt_config {spec!r}: expected uniform:LENGTH:DEPTH, e.g. uniform:4:9")
-        return PromptConfig.uniform(int(parts[1]), int(parts[2]), blocks), spec
+        return PromptConfig.uniform(int(parts[1]), int(parts[2]), blocks, towers=tuple(blocks)), spec
     if Path(spec).is_dir() or spec.endswith(".npy"):  # a search run of the authors' code
         return PromptConfig.from_authors_alpha(spec), "dpl"
     if not Path(spec).is_file():
@@ -263,21 +271,21 @@ def rebuilder(job: Job, module):
 
 
 def run_train(cfg: RunConfig) -> dict:
-    """Train the --method's prompts (DPL's configuration, a deep-prompt baseline, CoOp, CoCoOp), then
-    evaluate them."""
-    job = prepare(cfg, "train")
+    """Train the --method's prompts (DPL's configuration, a deep-prompt baseline, CoOp, CoCoOp; for a
+    timm classifier with its head, or the head alone), then evaluate them."""
+    family = model_family(cfg)
+    job = family.prepare(cfg, "train")
     out = job.out("train")
-    module, method = build_method(job)
-    params = module.parameter_groups()["prompt"]
-    if params:
-        optimizer = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-        fit(job, out, "train", Training(module, wrap(module, job.ranks, job.device), {"prompt": optimizer},
+    module, method = family.trained(job)
+    optimizer = family.optimizer(job, module)
+    if optimizer is not None:
+        fit(job, out, "train", Training(module, family.net(job, module), {"prompt": optimizer},
                                         prompt_schedule(optimizer, cfg, cfg.train_epochs), cfg.train_epochs,
-                                        **distillation(job, job.splits.classnames)))
+                                        **family.regularizers(job)))
     if job.ranks.main:
         save_atomic({**module.prompt_state_dict(), "method": method, "template": job.template,
                      "settings": cfg.to_dict()}, out / "prompts.pt")
-    return evaluate_and_write(job, module, out, "train", method, rebuilder(job, module))
+    return evaluate_and_write(job, module, out, "train", method, family.rebuilder(job, module))
 
 
 def _default_prompts(job: Job) -> str:
@@ -320,16 +328,66 @@ def _training_settings(state: dict, path: Path) -> dict:
     return {}
 
 
+class ClipFamily:
+    """What the stages build for a CLIP (DPL over both towers, deep prompts, CoOp, CoCoOp); the
+    timm classifiers' counterpart is pipeline.vit.ViTFamily."""
+
+    prepare = staticmethod(prepare)
+
+    @staticmethod
+    def supernet(job: Job):
+        return build_dpl(job, job.splits.classnames, "search")
+
+    @staticmethod
+    def trained(job: Job):
+        return build_method(job)
+
+    @staticmethod
+    def optimizer(job: Job, module):
+        """SGD on the prompts (or context); None when there is nothing to train (zero_shot)."""
+        params, cfg = module.parameter_groups()["prompt"], job.cfg
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay) \
+            if params else None
+
+    @staticmethod
+    def net(job: Job, module):
+        return wrap(module, job.ranks, job.device)
+
+    @staticmethod
+    def regularizers(job: Job) -> dict:
+        return distillation(job, job.splits.classnames)
+
+    rebuilder = staticmethod(rebuilder)
+    load_prompted = staticmethod(_load_prompted)
+
+
+def model_family(cfg: RunConfig):
+    """The stages' builders for ``--model``: a CLIP's, or a timm classifier's (timm:NAME)."""
+    if is_classifier(cfg.model):
+        from .vit import ViTFamily
+
+        return ViTFamily
+    return ClipFamily
+
+
+def clip_only(cfg: RunConfig, stage: str) -> None:
+    if is_classifier(cfg.model):
+        raise ValueError(f"fastdpl {stage} needs a CLIP's class texts; {cfg.model} is a classifier: train its head "
+                         "alone with `fastdpl train --method linear` for the no-prompt baseline")
+
+
 def run_eval(cfg: RunConfig, prompts: str | None = None, stage: str = "eval") -> dict:
     """Evaluate saved prompts (default: the train stage's) on the test set and --eval-datasets."""
-    job = prepare(cfg, "eval")
-    module, method, path, trained = _load_prompted(job, prompts)
-    return evaluate_and_write(job, module, job.out(stage), stage, method, rebuilder(job, module),
+    family = model_family(cfg)
+    job = family.prepare(cfg, "eval")
+    module, method, path, trained = family.load_prompted(job, prompts)
+    return evaluate_and_write(job, module, job.out(stage), stage, method, family.rebuilder(job, module),
                               extra={"prompts": path, "trained": trained}, default_prompts=_default_prompts(job))
 
 
 def run_zeroshot(cfg: RunConfig) -> dict:
     """CLIP with the class template and no prompts (the same code path with a zero-length configuration)."""
+    clip_only(cfg, "zeroshot")
     job = prepare(cfg, "zeroshot")
     blocks = block_counts(job.model)
     dpl = build_dpl(job, job.splits.classnames, "fixed", PromptConfig.zero_shot(blocks))
@@ -377,6 +435,7 @@ def tpt_accuracy(job: Job, dpl: FastDPLPrompt, samples, dataset: str, desc="tpt"
 def run_tpt(cfg: RunConfig, prompts: str | None = None) -> dict:
     """TPT on the test sets: zero-shot CLIP with a learnable context, or saved prompts (a fixed DPL
     configuration's text prompts, a CoOp or CoCoOp context)."""
+    clip_only(cfg, "tpt")
     job = prepare(cfg, "tpt")
     if prompts:
         dpl, method, path, trained = _load_prompted(job, prompts)

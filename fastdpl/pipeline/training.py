@@ -37,10 +37,18 @@ from .runtime import Dist, autocast, barrier, rng_state, set_rng_state
 
 
 def lr_factor(epoch: int, cfg, epochs: int) -> float:
-    """Constant warm-up (warmup_lr) for the first warmup_epochs, then cosine from lr over ``epochs`` (Dassl)."""
-    if epoch < cfg.warmup_epochs:
+    """The learning rate of ``epoch`` over lr. ``cfg.schedule`` "cosine" (Dassl's, CoOp's and the
+    authors'): a constant warm-up at warmup_lr for the first warmup_epochs, then cosine from lr
+    over ``epochs``; "vpt" (VPT's WarmupCosineSchedule, stepped per epoch): linear from 0 over the
+    warm-up epochs, then cosine to 0 over the remaining ``epochs - warmup_epochs``."""
+    warmup = cfg.warmup_epochs
+    if getattr(cfg, "schedule", "cosine") == "vpt":
+        if epoch < warmup:
+            return epoch / max(1, warmup)
+        return max(0.0, 0.5 * (1 + math.cos(math.pi * (epoch - warmup) / max(1, epochs - warmup))))
+    if epoch < warmup:
         return cfg.warmup_lr / cfg.lr
-    return 0.5 * (1 + math.cos(math.pi * (epoch - cfg.warmup_epochs) / epochs))
+    return 0.5 * (1 + math.cos(math.pi * (epoch - warmup) / epochs))
 
 
 class Meter:
@@ -97,7 +105,7 @@ class Meter:
 def train_loader(job, samples, seed: int):
     cfg = job.cfg
     return make_loader(samples, job.image_size, cfg.batch_size, seed, job.ranks, True, cfg.workers,
-                       crop_scale=cfg.crop_scale, flip=cfg.flip)
+                       crop_scale=cfg.crop_scale, flip=cfg.flip, stats=job.stats)
 
 
 def progress(iterable, job, desc: str, total=None):
@@ -354,7 +362,9 @@ def fit(job, out: Path, stage: str, training: Training) -> list:
     returns the per-epoch history."""
     cfg = job.cfg
     start, history = _start_epoch(job, out, training)
-    train = training.loader if training.loader is not None else train_loader(job, job.splits.train, cfg.seed)
+    # the train stage trains on the train and validation lists together where the layout names them (VTAB-1k)
+    samples = job.splits.final_train if stage == "train" else job.splits.train
+    train = training.loader if training.loader is not None else train_loader(job, samples, cfg.seed)
     objective = training.objective
     if job.ranks.main and start == 0:  # a resumed run keeps the record of what made its checkpoint
         save_yaml(cfg, out / "run.yaml")
