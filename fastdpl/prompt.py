@@ -66,7 +66,10 @@ class FastDPLPrompt(BankHolder, nn.Module):
         text_chunk_size: run the text tower over the classes in chunks of this size with activation
             checkpointing (memory for many classes); None runs all classes at once.
         tokenizer: callable texts -> (num_classes, context_length) token ids; default open_clip.tokenize.
-        generator: torch.Generator for the initial prompts and arch logits.
+        generator: draws the initial prompts and arch logits. None: a private generator seeded 0,
+            so the global RNG is never read or advanced (``torch.manual_seed`` changes nothing) and
+            the same arguments give the same start; pass one to choose the seed (the pipeline
+            passes ``--seed``'s). Every fastdpl method follows this rule.
     """
 
     image_conditioned = False  # the class texts do not depend on the image (fastdpl.methods' interface)

@@ -166,3 +166,19 @@ def tiny_clip(seed: int = 0, **text_overrides):
 
 
 CLASSNAMES = ["cat", "golden_retriever", "sea lion", "airplane", "a very long class name with many words"]
+
+
+def stop_after_checkpoint(monkeypatch, epoch: int, error=KeyboardInterrupt):
+    """Make the training loop raise ``error`` right after it writes the checkpoint of ``epoch`` (or
+    round), as a killed run would stop; returns a function that restores the loop."""
+    from fastdpl.pipeline import training
+
+    save = training._save_checkpoint
+
+    def save_then_stop(job, out, done, *rest):
+        save(job, out, done, *rest)
+        if done == epoch:
+            raise error
+
+    monkeypatch.setattr(training, "_save_checkpoint", save_then_stop)
+    return lambda: monkeypatch.setattr(training, "_save_checkpoint", save)

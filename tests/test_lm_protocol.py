@@ -24,6 +24,7 @@ from fastdpl.pipeline.lm_config import LMConfig
 from fastdpl.pipeline.loaders import StepBatches
 from fastdpl.pipeline.runtime import Dist
 from fastdpl.pipeline.training import NEXT_TOKEN, loss_step
+from helpers import stop_after_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 WORDS = "a b c d e f g h => yes no good bad reverse : copy is big small the".split()
@@ -347,21 +348,12 @@ def test_search_train_eval_report_from_the_command_line(tmp_path, tiny, capsys):
 
 
 def test_an_interrupted_search_resumes_exactly(tmp_path, tiny, monkeypatch):
-    from fastdpl.pipeline import training
-
     search = ["lm", "search", "--search-steps", "7", "--candidate-lengths", "0,2,4", "--accumulate", "2"]
     assert main([*search, *_args(tiny, tmp_path / "whole")]) == 0
-    save = training._save_checkpoint
-
-    def save_then_stop(job, out, epoch, *rest):
-        save(job, out, epoch, *rest)
-        if epoch == 1:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(training, "_save_checkpoint", save_then_stop)
+    restore = stop_after_checkpoint(monkeypatch, 1)
     with pytest.raises(KeyboardInterrupt):
         main([*search, *_args(tiny, tmp_path / "cut")])
-    monkeypatch.setattr(training, "_save_checkpoint", save)
+    restore()
     assert main([*search, *_args(tiny, tmp_path / "cut"), "--resume"]) == 0
     a, b = (torch.load(tmp_path / run / "search" / "prefixes.pt", weights_only=True) for run in ("whole", "cut"))
     for group in ("prompts", "arch_logits"):

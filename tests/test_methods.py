@@ -111,8 +111,9 @@ def test_state_round_trip_rebuilds_and_refuses_mismatches():
 @pytest.mark.parametrize("kwargs,match", [
     (dict(class_token_position="start"), "class_token_position must be one of"),
     (dict(n_ctx=0), "n_ctx must be a positive int"),
-    (dict(ctx_init=" "), "ctx_init must be words"),
-    (dict(n_ctx=70), "does not fit the text tower's 77 positions"),
+    (dict(ctx_init=3), "ctx_init must be words"),
+    (dict(n_ctx=70), r"with 70 context tokens needs \d+ positions .* does not fit the text tower's 77 positions"),
+    (dict(n_ctx=8, ctx_init="a photo of a"), r"n_ctx=8 and ctx_init='a photo of a' \(4 tokens\) disagree"),
 ])
 def test_bad_arguments_name_the_argument(kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -170,7 +171,8 @@ from fastdpl.pipeline.config import method_config  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = dict(dataset="builtin:digits", model="tiny", pretrained=None, shots=2, seed=1, workers=0, device="cpu",
-             progress=False, crop_scale=[0.6, 1.0], flip=False, eval_batch_size=256, n_ctx=2)
+             progress=False, crop_scale=[0.6, 1.0], flip=False, eval_batch_size=256, n_ctx=2,
+             ctx_init=None)  # 2 random vectors for CoCoOp too (its "a photo of a" would set 4)
 
 
 def _cfg(tmp_path, method, name="run", **overrides):
@@ -180,12 +182,12 @@ def _cfg(tmp_path, method, name="run", **overrides):
 
 def test_method_presets_fill_what_is_not_given_and_bad_methods_are_refused(tmp_path):
     coop = method_config(method="coop", shots=4)
-    assert (coop.lr, coop.batch_size, coop.train_epochs, coop.n_ctx, coop.ctx_init) == (0.002, 32, 100, 16, None)
+    assert (coop.lr, coop.batch_size, coop.train_epochs, coop.n_ctx, coop.ctx_init) == (0.002, 32, 100, None, None)
     assert method_config(method="coop", shots=1).train_epochs == 50
     assert method_config(method="coop", shots=16).train_epochs == 200
     cocoop = method_config(method="cocoop", lr=0.1)
     assert (cocoop.lr, cocoop.batch_size, cocoop.train_epochs, cocoop.n_ctx, cocoop.ctx_init) == \
-        (0.1, 1, 10, 4, "a photo of a")
+        (0.1, 1, 10, None, "a photo of a")  # n_ctx: the words' 4 tokens
     assert method_config().lr == 3.5e-3  # DPL keeps the paper's
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     dry = subprocess.run([sys.executable, "-m", "fastdpl.cli", "train", "--method", "cocoop", "--batch-size", "8",
@@ -250,7 +252,8 @@ def test_two_gloo_processes_equal_one(tmp_path, method):
     CoCoOp: each rank its own images' texts, DDP averaging the gradients)."""
     flags = ["train", "--method", method, "--dataset", "builtin:digits", "--model", "tiny", "--shots", "2",
              "--train-epochs", "2", "--workers", "0", "--device", "cpu", "--progress", "false", "--crop-scale",
-             "0.6,1.0", "--flip", "false", "--n-ctx", "2", "--lr", "0.05", "--eval-batch-size", "256"]
+             "0.6,1.0", "--flip", "false", "--n-ctx", "2", "--ctx-init", "none", "--lr", "0.05",
+             "--eval-batch-size", "256"]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     runs = {"one": [sys.executable, "-m", "fastdpl.cli", *flags, "--batch-size", "4"],
             "two": [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
@@ -267,3 +270,117 @@ def test_two_gloo_processes_equal_one(tmp_path, method):
     for key in one["tensors"]:
         a, b = two["tensors"][key].double(), one["tensors"][key].double()
         assert ((a - b).norm() / b.norm()).item() < 2.0 ** -12, f"{key}: 2 processes differ from 1"
+
+
+# ---- the edges met against CoOp's own code (issue 26) ----------------------------------------------
+PUNCTUATED = ["crane (bird)", "st. bernard.", "cat", "great white shark", "o'neill's dog!"]
+
+
+@pytest.mark.parametrize("position", ["end", "middle", "front"])
+def test_class_names_ending_in_punctuation_get_coops_own_layout(position):
+    """CoOp tokenizes "<context> <name>." as one text (")." is one BPE token) and splits the class
+    tokens off by the name's own token count: the same logits and gradients as its construction."""
+    coop = CoOpPrompt(tiny_clip(seed=6), PUNCTUATED, n_ctx=4, class_token_position=position, impl="eager",
+                      generator=torch.Generator().manual_seed(3))
+    _assert_match(coop, _images())
+    cocoop = CoCoOpPrompt(tiny_clip(seed=6), PUNCTUATED, class_token_position=position, impl="eager")
+    _assert_match(cocoop, _images())
+
+
+def test_a_layout_coop_cannot_lay_out_exactly_is_refused_by_its_cause():
+    # "x(.." is 3 tokens alone but 2 with the template's "." ("x", "(..."): CoOp's front/middle
+    # split would move the end-of-text token
+    with pytest.raises(ValueError, match=r"class name 'x\(\.\.': its 3 tokens alone outnumber the 2"):
+        CoOpPrompt(tiny_clip(), ["cat", "x(.."], n_ctx=2, class_token_position="front")
+    CoOpPrompt(tiny_clip(), ["cat", "x(.."], n_ctx=2)  # at the end the split never matters
+
+
+@pytest.mark.parametrize("blank", ["", "  "])
+def test_an_empty_ctx_init_is_a_random_start(blank):
+    model = tiny_clip()
+    for cls, n in ((CoOpPrompt, 16), (CoCoOpPrompt, 4)):
+        empty = cls(model, CLASSNAMES, ctx_init=blank, generator=torch.Generator().manual_seed(4))
+        none = cls(model, CLASSNAMES, ctx_init=None, generator=torch.Generator().manual_seed(4))
+        assert empty.ctx_init is None and empty.n_ctx == n and torch.equal(empty.ctx, none.ctx)
+        assert empty.ctx.std().item() == pytest.approx(0.02, rel=0.2)  # N(0, 0.02^2), not word embeddings
+
+
+def test_the_cli_takes_an_empty_ctx_init(tmp_path):
+    cfg = _cfg(tmp_path, "cocoop", ctx_init="", n_ctx=None, train_epochs=1)
+    module = stages.build_context_method(stages.prepare(cfg, "train"), ["cat", "dog"], stages.context_settings(cfg))
+    assert module.ctx_init is None and module.n_ctx == 4
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    dry = subprocess.run([sys.executable, "-m", "fastdpl.cli", "train", "--method", "coop", "--ctx-init", "",
+                          "--dry-run"], capture_output=True, text=True, env=env, timeout=120)
+    assert dry.returncode == 0 and "ctx_init: ''" in dry.stdout, dry.stderr
+
+
+def test_an_explicit_n_ctx_with_a_word_start_is_honoured_only_when_it_agrees(tmp_path):
+    model = tiny_clip()
+    assert CoCoOpPrompt(model, CLASSNAMES).n_ctx == 4  # the words "a photo of a"
+    assert CoCoOpPrompt(model, CLASSNAMES, n_ctx=4).n_ctx == 4
+    with pytest.raises(ValueError, match=r"n_ctx=8 and ctx_init='a photo of a' \(4 tokens\) disagree: .* "
+                                         r"pass ctx_init=None \(or ''\) for 8 random vectors"):
+        CoCoOpPrompt(model, CLASSNAMES, n_ctx=8)
+    assert CoCoOpPrompt(model, CLASSNAMES, n_ctx=8, ctx_init=None).ctx.shape[0] == 8
+    assert CoOpPrompt(model, CLASSNAMES).n_ctx == 16 and CoOpPrompt(model, CLASSNAMES, ctx_init="a photo").n_ctx == 2
+    # the pipeline: --n-ctx 8 beside CoCoOp's preset words is refused when the module is built
+    given = {k: v for k, v in SMALL.items() if k != "ctx_init"}
+    cfg = method_config(method="cocoop", output=str(tmp_path / "run"), **{**given, "n_ctx": 8})
+    assert cfg.ctx_init == "a photo of a"
+    with pytest.raises(ValueError, match="n_ctx=8 and ctx_init='a photo of a'"):
+        stages.build_context_method(stages.prepare(cfg, "train"), CLASSNAMES, stages.context_settings(cfg))
+
+
+def _builders():
+    """{method: (backbone(), build(backbone, generator))}: the backbones are built outside the check
+    (their own random init reads the global RNG; the fastdpl builder must not)."""
+    from fastdpl.prompt import FastDPLPrompt
+
+    builders = {
+        "dpl": (tiny_clip, lambda m, g: FastDPLPrompt(m, CLASSNAMES, candidate_lengths=(0, 2), generator=g)),
+        "coop": (tiny_clip, lambda m, g: CoOpPrompt(m, CLASSNAMES, n_ctx=3, generator=g)),
+        "cocoop": (tiny_clip, lambda m, g: CoCoOpPrompt(m, CLASSNAMES, ctx_init=None, generator=g)),
+    }
+    try:
+        from timm.models.vision_transformer import VisionTransformer
+
+        from fastdpl.vit import FastDPLViT
+
+        builders["vit"] = (lambda: VisionTransformer(img_size=16, patch_size=8, embed_dim=24, depth=2, num_heads=2,
+                                                     num_classes=3),
+                           lambda m, g: FastDPLViT(m, generator=g, init="vpt"))
+    except ImportError:
+        pass
+    try:
+        import transformers
+
+        from fastdpl.lm import FastDPLPrefix
+
+        config = transformers.LlamaConfig(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                          num_attention_heads=4, num_key_value_heads=2)
+        builders["prefix"] = (lambda: transformers.LlamaForCausalLM(config),
+                              lambda m, g: FastDPLPrefix(m, candidate_lengths=(0, 2), generator=g))
+    except ImportError:
+        pass
+    return builders
+
+
+def _start(module):
+    tensors = [p for name, p in module.named_parameters() if p.requires_grad and "head" not in name]
+    return [t.detach().clone() for t in tensors]
+
+
+@pytest.mark.parametrize("method", sorted(_builders()))
+def test_random_starts_come_from_the_generator_never_the_global_seed(method):
+    backbone, build = _builders()[method]
+    starts = []
+    for seed in (1, 2):
+        model = backbone()
+        torch.manual_seed(seed)
+        state = torch.random.get_rng_state()
+        starts.append(_start(build(model, None)))
+        assert torch.equal(torch.random.get_rng_state(), state), "the builder advanced the global RNG"
+    assert all(torch.equal(a, b) for a, b in zip(*starts)), "torch.manual_seed changed the start"
+    seeded = _start(build(backbone(), torch.Generator().manual_seed(7)))
+    assert any(not torch.equal(a, b) for a, b in zip(starts[0], seeded)), "generator= had no effect"

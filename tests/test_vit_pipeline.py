@@ -21,6 +21,7 @@ from fastdpl.data.datasets import DatasetError  # noqa: E402
 from fastdpl.models import ModelLoadError, load_classifier, load_tiny_clip, vit_from_open_clip  # noqa: E402
 from fastdpl.pipeline import demo_vit, stages, training  # noqa: E402
 from fastdpl.pipeline.config import method_config  # noqa: E402
+from helpers import stop_after_checkpoint  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 QUICK = dict(model="timm:tiny", dataset="builtin:digits", shots=2, seed=1, batch_size=4, val_batch_size=4,
@@ -175,17 +176,10 @@ def test_an_interrupted_train_resumes_exactly_with_prompt_dropout(tmp_path, monk
     """Per-image prompt dropout draws from the global RNG: the checkpoint's RNG state makes resume exact."""
     settings = dict(method="uniform:5:4", train_epochs=3, prompt_dropout=0.2, prompt_init="vpt", schedule="vpt")
     stages.run_train(quick(tmp_path, "whole", **settings))
-    save = training._save_checkpoint
-
-    def save_then_stop(job, out, epoch, *rest):
-        save(job, out, epoch, *rest)
-        if epoch == 1:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(training, "_save_checkpoint", save_then_stop)
+    restore = stop_after_checkpoint(monkeypatch, 1)
     with pytest.raises(KeyboardInterrupt):
         stages.run_train(quick(tmp_path, "cut", **settings))
-    monkeypatch.setattr(training, "_save_checkpoint", save)
+    restore()
     stages.run_train(quick(tmp_path, "cut", resume=True, **settings))
     a, b = (torch.load(tmp_path / run / "train" / "prompts.pt", weights_only=False) for run in ("whole", "cut"))
     for key in a["bank"]["prompts"]:

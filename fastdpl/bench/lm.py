@@ -24,9 +24,7 @@ from __future__ import annotations
 
 import argparse
 import copy
-import dataclasses
 import functools
-import gc
 import importlib.metadata
 import weakref
 from dataclasses import dataclass
@@ -36,8 +34,11 @@ import torch.nn as nn
 
 from fastdpl.adapters import hf_lm
 from fastdpl.lm import LM_LENGTHS, FastDPLPrefix
-from .suite import Suite, add_ratios, run_suite, table, time_calls
-from .timing import add_common_arguments, parse_shapes
+from .suite import (
+    STEP_COLUMNS, Suite, add_step_arguments, provider_names, release, run_step_suite, run_suite, step_ratios, table,
+    time_calls,
+)
+from .timing import add_common_arguments
 
 PROVIDERS = ("search", "single_path", "literal")
 SINGLE_PATHS = ("auto", "peft", "sdpa")
@@ -262,39 +263,19 @@ def make_calls(shape: LMShape, device, dtype, impl, names=PROVIDERS, single_path
             for name, pair in found.items()}, peers
 
 
-def _memory_ratio(rows, baseline: str, key: str, invert: bool = False) -> None:
-    """row[key] = peak memory / the baseline's (invert: baseline's / this), per shape; None on a CPU."""
-    base = {r["shape"]: r.get("peak_memory_mb") for r in rows if r["provider"] == baseline}
-    for r in rows:
-        mine, theirs = r.get("peak_memory_mb"), base.get(r["shape"])
-        r[key] = (theirs / mine if invert else mine / theirs) if mine and theirs else None
-
-
 def bench_shape(shape: LMShape, device, dtype, impl, repeats, warmup, names=PROVIDERS, single_path="auto"):
     calls, peers = make_calls(shape, device, dtype, impl, names, single_path)
     rows = time_calls(shape.name, calls, device, repeats, warmup)
     for r in rows:
         r["peer"] = peers[r["provider"]]
-    add_ratios(rows, "single_path", "vs_single_path")
-    add_ratios(rows, "literal", "literal_over_this", invert=True)
-    _memory_ratio(rows, "single_path", "memory_vs_single_path")
-    _memory_ratio(rows, "literal", "literal_memory_over_this", invert=True)
+    step_ratios(rows)
     del calls
-    _release(device)  # the next shape's three 1B models should not sit beside this one's
+    release(device)  # the next shape's three 1B models should not sit beside this one's
     return rows
 
 
-def _release(device) -> None:
-    gc.collect()
-    if torch.device(device).type == "cuda":
-        torch.cuda.empty_cache()
-
-
 def format_table(rows) -> str:
-    return table(rows, [("shape", 15), ("provider", 11), ("peer", 13)],
-                 [("ms/step", "median_ms", ".1f"), ("IQR ms", "iqr", ".1f"), ("peak MB", "peak_memory_mb", ".0f"),
-                  ("x single", "vs_single_path", ".2f"), ("mem x single", "memory_vs_single_path", ".2f"),
-                  ("literal/this", "literal_over_this", ".2f"), ("lit mem/this", "literal_memory_over_this", ".2f")])
+    return table(rows, [("shape", 15), ("provider", 11), ("peer", 13)], STEP_COLUMNS)
 
 
 def describe(shape: LMShape) -> str:
@@ -310,31 +291,15 @@ SUITE = Suite("lm", GPU_SHAPES, CPU_SHAPES, SMOKE_SHAPES, bench_shape, format_ta
 run = functools.partial(run_suite, SUITE)  # run(device=..., smoke=..., out=...) -> result dict
 
 
-def _names(parser, text: str) -> tuple:
-    names = tuple(n for n in text.split(",") if n)
-    unknown = [n for n in names if n not in PROVIDERS]
-    if unknown or not names:
-        parser.error(f"--providers: unknown {unknown or names}; known: {list(PROVIDERS)}")
-    return names
-
-
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="fastdpl bench lm", description=__doc__.split("\n\n")[0])
     add_common_arguments(parser, default_out="bench-out/lm.json")
-    parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
-                        help="default: bfloat16 on CUDA, float32 on CPU")
-    parser.add_argument("--impl", default="auto", choices=["auto", "eager", "triton", "reference"],
-                        help="the search's op engine")
-    parser.add_argument("--providers", default=",".join(PROVIDERS), help=f"comma-separated subset of {PROVIDERS}")
+    add_step_arguments(parser, PROVIDERS)
     parser.add_argument("--single-path", default="auto", choices=SINGLE_PATHS,
                         help="the single-path peer: PEFT prefix tuning, fastdpl's prefix SDPA, or PEFT when it builds")
-    parser.add_argument("--warmup", type=int, default=None, help="untimed calls per provider (default 1)")
     args = parser.parse_args(argv)
-    shapes = parse_shapes(parser, args, SUITE.all_shapes)
-    bench = functools.partial(bench_shape, names=_names(parser, args.providers), single_path=args.single_path)
-    run_suite(dataclasses.replace(SUITE, bench_shape=bench), device=args.device, shapes=shapes, impl=args.impl,
-              dtype=getattr(torch, args.dtype) if args.dtype else None, repeats=args.repeats, warmup=args.warmup,
-              out=args.out, smoke=args.smoke)
+    run_step_suite(SUITE, parser, args, names=provider_names(parser, args.providers, PROVIDERS),
+                   single_path=args.single_path)
     return 0
 
 

@@ -164,3 +164,65 @@ def suite_main(suite: Suite, argv=None, description: str = "") -> int:
     run_suite(suite, device=args.device, dtype=getattr(torch, args.dtype) if args.dtype else None, shapes=shapes,
               impl=args.impl, repeats=args.repeats, out=args.out, smoke=args.smoke)
     return 0
+
+
+# ---- what the model-step suites (lm, vit) share: search vs single path vs literal ---------------------
+STEP_COLUMNS = [("ms/step", "median_ms", ".1f"), ("IQR ms", "iqr", ".1f"), ("peak MB", "peak_memory_mb", ".0f"),
+                ("x single", "vs_single_path", ".2f"), ("mem x single", "memory_vs_single_path", ".2f"),
+                ("literal/this", "literal_over_this", ".2f"), ("lit mem/this", "literal_memory_over_this", ".2f")]
+
+
+def memory_ratio(rows, baseline: str, key: str, invert: bool = False) -> None:
+    """row[key] = peak memory / the baseline's (invert: baseline's / this), per shape; None on a CPU."""
+    base = {r["shape"]: r.get("peak_memory_mb") for r in rows if r["provider"] == baseline}
+    for r in rows:
+        mine, theirs = r.get("peak_memory_mb"), base.get(r["shape"])
+        r[key] = (theirs / mine if invert else mine / theirs) if mine and theirs else None
+
+
+def step_ratios(rows) -> None:
+    """Time and memory against the single path (``vs_single_path``) and of the literal over each."""
+    add_ratios(rows, "single_path", "vs_single_path")
+    add_ratios(rows, "literal", "literal_over_this", invert=True)
+    memory_ratio(rows, "single_path", "memory_vs_single_path")
+    memory_ratio(rows, "literal", "literal_memory_over_this", invert=True)
+
+
+def release(device) -> None:
+    """Free what the last shape's models held before the next shape builds its own."""
+    import gc
+
+    gc.collect()
+    if torch.device(device).type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def add_step_arguments(parser, providers: tuple) -> None:
+    """The model-step runners' options beside add_common_arguments'."""
+    parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                        help="default: bfloat16 on CUDA, float32 on CPU")
+    parser.add_argument("--impl", default="auto", choices=["auto", "eager", "triton", "reference"],
+                        help="the search's op engine")
+    parser.add_argument("--providers", default=",".join(providers), help=f"comma-separated subset of {providers}")
+    parser.add_argument("--warmup", type=int, default=None, help="untimed calls per provider (default 1)")
+
+
+def provider_names(parser, text: str, known: tuple) -> tuple:
+    """--providers as a tuple of known names; a parser error naming the unknown ones."""
+    names = tuple(n for n in text.split(",") if n)
+    unknown = [n for n in names if n not in known]
+    if unknown or not names:
+        parser.error(f"--providers: unknown {unknown or names}; known: {list(known)}")
+    return names
+
+
+def run_step_suite(suite: Suite, parser, args, **bench_options) -> None:
+    """Run a model-step suite from its parsed command line (add_common_arguments + add_step_arguments)."""
+    import dataclasses
+    import functools
+
+    shapes = parse_shapes(parser, args, suite.all_shapes)
+    bench = functools.partial(suite.bench_shape, **bench_options)
+    run_suite(dataclasses.replace(suite, bench_shape=bench), device=args.device, shapes=shapes, impl=args.impl,
+              dtype=getattr(torch, args.dtype) if args.dtype else None, repeats=args.repeats, warmup=args.warmup,
+              out=args.out, smoke=args.smoke)

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import dataclasses
 import functools
 from dataclasses import dataclass
 
@@ -29,9 +28,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from fastdpl.vit import STACK, VIT_LENGTHS, FastDPLViT
-from .lm import _memory_ratio, _release
-from .suite import Suite, add_ratios, run_suite, table, time_calls
-from .timing import add_common_arguments, parse_shapes
+from .suite import (
+    STEP_COLUMNS, Suite, add_step_arguments, provider_names, release, run_step_suite, run_suite, step_ratios, table,
+    time_calls,
+)
+from .timing import add_common_arguments
 
 PROVIDERS = ("search", "single_path", "literal")
 
@@ -158,19 +159,13 @@ def bench_shape(shape: ViTShape, device, dtype, impl, repeats, warmup, names=PRO
     for r in rows:
         r["peer"] = {"search": f"fastdpl {impl}", "single_path": "VPT-deep concat", "literal": "per-candidate"}[
             r["provider"]]
-    add_ratios(rows, "single_path", "vs_single_path")
-    add_ratios(rows, "literal", "literal_over_this", invert=True)
-    _memory_ratio(rows, "single_path", "memory_vs_single_path")
-    _memory_ratio(rows, "literal", "literal_memory_over_this", invert=True)
-    _release(device)
+    step_ratios(rows)
+    release(device)
     return rows
 
 
 def format_table(rows) -> str:
-    return table(rows, [("shape", 13), ("provider", 11), ("peer", 15)],
-                 [("ms/step", "median_ms", ".1f"), ("IQR ms", "iqr", ".1f"), ("peak MB", "peak_memory_mb", ".0f"),
-                  ("x single", "vs_single_path", ".2f"), ("mem x single", "memory_vs_single_path", ".2f"),
-                  ("literal/this", "literal_over_this", ".2f"), ("lit mem/this", "literal_memory_over_this", ".2f")])
+    return table(rows, [("shape", 13), ("provider", 11), ("peer", 15)], STEP_COLUMNS)
 
 
 def describe(shape: ViTShape) -> str:
@@ -189,20 +184,9 @@ run = functools.partial(run_suite, SUITE)
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="fastdpl bench vit", description=__doc__.split("\n\n")[0])
     add_common_arguments(parser, default_out="bench-out/vit.json")
-    parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
-                        help="default: bfloat16 on CUDA, float32 on CPU")
-    parser.add_argument("--impl", default="auto", choices=["auto", "eager", "triton", "reference"],
-                        help="the search's op engine")
-    parser.add_argument("--providers", default=",".join(PROVIDERS), help=f"comma-separated subset of {PROVIDERS}")
-    parser.add_argument("--warmup", type=int, default=None, help="untimed calls per provider (default 1)")
+    add_step_arguments(parser, PROVIDERS)
     args = parser.parse_args(argv)
-    names = tuple(n for n in args.providers.split(",") if n)
-    if not names or set(names) - set(PROVIDERS):
-        parser.error(f"--providers: unknown {sorted(set(names) - set(PROVIDERS)) or names}; known: {list(PROVIDERS)}")
-    shapes = parse_shapes(parser, args, SUITE.all_shapes)
-    run_suite(dataclasses.replace(SUITE, bench_shape=functools.partial(bench_shape, names=names)), device=args.device,
-              shapes=shapes, impl=args.impl, dtype=getattr(torch, args.dtype) if args.dtype else None,
-              repeats=args.repeats, warmup=args.warmup, out=args.out, smoke=args.smoke)
+    run_step_suite(SUITE, parser, args, names=provider_names(parser, args.providers, PROVIDERS))
     return 0
 
 

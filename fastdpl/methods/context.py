@@ -40,11 +40,25 @@ CLIP_VOCAB = 49408  # the BPE vocabulary of open_clip.tokenize, which places the
 PLACEHOLDER = "X"  # a one-token word that holds a context slot in the token ids (its embedding is replaced)
 
 
-def _bpe_length(text: str) -> int:
-    import open_clip
+def _bpe(text: str) -> list:
+    """CLIP's BPE ids of ``text`` (no start- or end-of-text token, never truncated)."""
+    from open_clip.tokenizer import _tokenizer
 
-    ids = open_clip.tokenize([text])[0]
-    return int(ids.argmax()) - 1  # tokens between start- and end-of-text
+    return _tokenizer.encode(text)
+
+
+def _bpe_length(text: str) -> int:
+    return len(_bpe(text))
+
+
+def context_words(ctx_init) -> str | None:
+    """The words of a word start, or None for a random one: None, "" and blank (CoOp's and
+    CoCoOp's configs write ``CTX_INIT ""`` for a random start). Underscores become spaces."""
+    if ctx_init is not None and not isinstance(ctx_init, str):
+        raise ValueError(f"ctx_init must be words such as 'a photo of a', or None / '' for a random start, "
+                         f"got {ctx_init!r}")
+    words = (ctx_init or "").replace("_", " ").strip()
+    return words or None
 
 
 class CoOpPrompt(nn.Module):
@@ -52,38 +66,50 @@ class CoOpPrompt(nn.Module):
 
     Args:
         model: an open_clip CLIP (frozen, never copied).
-        classnames: the class names (underscores become spaces).
-        n_ctx: number of context vectors (ignored when ``ctx_init`` gives words: one per token).
-        ctx_init: words whose embeddings initialise the context (e.g. "a photo of a"), or None for
-            N(0, 0.02^2).
+        classnames: the class names (underscores become spaces). Names ending in punctuation
+            ("crane (bird)", "st. bernard.") get CoOp's own token layout: CoOp tokenizes
+            "<context> <name>." as one text, where the name's last character and the "." may
+            merge into one BPE token, and splits the class tokens off by the name's own token count.
+        n_ctx: number of context vectors; None: one per token of ``ctx_init``'s words, else 16
+            (CoOp's default; CoCoOp's is 4). With a word start an explicit ``n_ctx`` must equal the
+            words' token count (it is refused by name otherwise: the words set the length).
+        ctx_init: words whose embeddings initialise the context (e.g. "a photo of a"), or None / ""
+            for N(0, 0.02^2) (CoOp's configs write ``CTX_INIT ""`` for a random start).
         class_specific: one context per class instead of one shared by all.
         class_token_position: "end", "middle" or "front".
         impl, text_chunk_size: as FastDPLPrompt (the attention engine; checkpointed text chunks).
-        generator: torch.Generator for the random initial context.
+        generator: draws the random initial context. None: a private generator seeded 0, so the
+            global RNG is never read or advanced (``torch.manual_seed`` changes nothing) and the
+            same arguments give the same start; pass one to choose the seed (the pipeline passes
+            ``--seed``'s).
     """
 
     method = "coop"
     image_conditioned = False  # text features depend on the classes only: computed once per batch
+    default_n_ctx = 16  # CoOp's N_CTX, for a random start
 
-    def __init__(self, model: nn.Module, classnames: Sequence[str], *, n_ctx: int = 16, ctx_init: str | None = None,
-                 class_specific: bool = False, class_token_position: str = "end", impl: str = "auto",
-                 text_chunk_size: int | None = None, generator: torch.Generator | None = None):
+    def __init__(self, model: nn.Module, classnames: Sequence[str], *, n_ctx: int | None = None,
+                 ctx_init: str | None = None, class_specific: bool = False, class_token_position: str = "end",
+                 impl: str = "auto", text_chunk_size: int | None = None, generator: torch.Generator | None = None):
         super().__init__()
         if class_token_position not in POSITIONS:
             raise ValueError(f"class_token_position must be one of {POSITIONS}, got {class_token_position!r}")
-        if ctx_init is not None and (not isinstance(ctx_init, str) or not ctx_init.strip()):
-            raise ValueError(f"ctx_init must be words such as 'a photo of a' or None, got {ctx_init!r}")
-        if ctx_init is None and (isinstance(n_ctx, bool) or not isinstance(n_ctx, int) or n_ctx < 1):
-            raise ValueError(f"n_ctx must be a positive int, got {n_ctx!r}")
+        ctx_init = context_words(ctx_init)
+        if n_ctx is not None and (isinstance(n_ctx, bool) or not isinstance(n_ctx, int) or n_ctx < 1):
+            raise ValueError(f"n_ctx must be a positive int or None, got {n_ctx!r}")
         adapter = adapt(model)  # refuses unsupported towers before any work
         if adapter.token_embedding.num_embeddings != CLIP_VOCAB:
             raise UnsupportedModelError(
                 f"{type(self).__name__} arranges CLIP's BPE tokens (vocabulary {CLIP_VOCAB}); this model's text "
                 f"vocabulary has {adapter.token_embedding.num_embeddings} tokens (e.g. SigLIP): not supported yet")
         if ctx_init is not None:
-            ctx_init = ctx_init.replace("_", " ").strip()
-            n_ctx = _bpe_length(ctx_init)
-        self.n_ctx, self.ctx_init = n_ctx, ctx_init
+            words = _bpe_length(ctx_init)
+            if n_ctx is not None and n_ctx != words:
+                raise ValueError(f"n_ctx={n_ctx} and ctx_init={ctx_init!r} ({words} tokens) disagree: the words set "
+                                 f"the context length; pass ctx_init=None (or '') for {n_ctx} random vectors, or "
+                                 "leave n_ctx unset")
+            n_ctx = words
+        self.n_ctx, self.ctx_init = n_ctx or self.default_n_ctx, ctx_init
         self.class_specific, self.class_token_position = bool(class_specific), class_token_position
         names = FastDPLPrompt._check_classnames(classnames)
         tokens, slots = self._arrange(names, adapter.context_length)
@@ -97,36 +123,44 @@ class CoOpPrompt(nn.Module):
 
     # ---- construction --------------------------------------------------------------------------------
     def _arrange(self, names, context_length: int):
-        """Token ids of [SOS, placeholders and class name in the chosen order, ".", EOT] per class, and
-        the positions (C, n) of the context slots (None when they are 1..n for every class)."""
+        """Token ids per class as CoOp lays them out, and the positions (C, n) of the context slots
+        (None when they are 1..n for every class).
+
+        CoOp tokenizes "<n context words> <name>." as one text: [SOS, ctx, rest, EOT], where rest
+        is the BPE of "<name>." (the name's last character and the "." may merge into one token),
+        then moves the first ``len(BPE(name))`` tokens of rest in front of (``front``) or amid
+        (``middle``) the context; the end-of-text token keeps its position."""
         import open_clip
 
         n, half = self.n_ctx, self.n_ctx // 2
-        filler = lambda k: " ".join([PLACEHOLDER] * k)  # noqa: E731
-        texts, slots, lengths = [], [], []
+        tokenizer = open_clip.tokenizer._tokenizer
+        sot, eot = tokenizer.encoder["<start_of_text>"], tokenizer.encoder["<end_of_text>"]
+        placeholder = _bpe(PLACEHOLDER)[0]
+        rows, slots = [], []
         for name in names:
             name = name.replace("_", " ")
-            length = _bpe_length(name)
-            lengths.append(length)
+            rest, name_len = _bpe(f"{name}."), _bpe_length(name)
+            need = 1 + n + len(rest) + 1
+            if need > context_length:
+                raise ValueError(f"class text of {name!r} with {n} context tokens needs {need} positions ([SOS], "
+                                 f"the context, {len(rest)} tokens of {name + '.'!r}, [EOT]): it does not fit the "
+                                 f"text tower's {context_length} positions")
+            if name_len > len(rest) and self.class_token_position != "end":
+                raise ValueError(f"class name {name!r}: its {name_len} tokens alone outnumber the {len(rest)} of "
+                                 f"{name + '.'!r} (BPE merges), so CoOp's {self.class_token_position!r} layout would "
+                                 "move the end-of-text token; use class_token_position='end'")
+            ctx = [placeholder] * n
             if self.class_token_position == "end":
-                texts.append(f"{filler(n)} {name}.")
-                slots.append(list(range(1, 1 + n)))
+                row, slot = ctx + rest, list(range(1, 1 + n))
             elif self.class_token_position == "front":
-                texts.append(f"{name} {filler(n)}.")
-                slots.append([1 + length + j for j in range(n)])
+                row, slot = rest[:name_len] + ctx + rest[name_len:], [1 + name_len + j for j in range(n)]
             else:
-                texts.append(f"{filler(half)} {name} {filler(n - half)}.".strip())
-                slots.append([1 + j for j in range(half)] + [1 + length + j for j in range(half, n)])
-        tokens = open_clip.tokenize(texts, context_length=context_length)
-        slots = torch.tensor(slots, dtype=torch.long)
-        placeholder = open_clip.tokenize([PLACEHOLDER])[0, 1]
-        # [SOS] + n context + name + "." + [EOT]: the end-of-text token must survive the context length
-        fits = tokens.argmax(-1) == torch.tensor(lengths) + n + 2
-        if not fits.all() or not (torch.gather(tokens, 1, slots) == placeholder).all():
-            bad = names[int((~fits).nonzero()[0])] if not fits.all() else names[0]
-            raise ValueError(f"class text of {bad!r} with {n} context tokens does not fit the text tower's "
-                             f"{context_length} positions")
-        return tokens, None if self.class_token_position == "end" else slots
+                row = ctx[:half] + rest[:name_len] + ctx[half:] + rest[name_len:]
+                slot = [1 + j for j in range(half)] + [1 + name_len + j for j in range(half, n)]
+            rows.append([sot, *row, eot] + [0] * (context_length - need))
+            slots.append(slot)
+        tokens = torch.tensor(rows, dtype=torch.long)
+        return tokens, None if self.class_token_position == "end" else torch.tensor(slots, dtype=torch.long)
 
     def _initial_context(self, num_classes: int, generator) -> torch.Tensor:
         embedding = self.clip.adapter.token_embedding
@@ -243,15 +277,20 @@ class CoOpPrompt(nn.Module):
 class CoCoOpPrompt(CoOpPrompt):
     """CoCoOp: CoOp's shared context plus an image-conditioned bias from a small meta-network.
 
-    Args as CoOpPrompt (a shared context only: ``class_specific`` is refused), and ``generator``
-    also draws the meta-network's initial weights (PyTorch's default Linear initialisation).
+    Args as CoOpPrompt (a shared context only: ``class_specific`` is refused), with CoCoOp's
+    defaults: the words "a photo of a" (4 context vectors; ``n_ctx=8`` alone is refused by name,
+    since the words set the length: pass ``ctx_init=None`` for 8 random ones), and 4 for a random
+    start. ``generator`` also draws the meta-network's initial weights (PyTorch's default Linear
+    initialisation, drawn under a seed taken from it); None: seed 0, the global RNG untouched.
     ``forward(images)`` gives (B, C) logits; each image's text features use its own context.
     """
 
     method = "cocoop"
     image_conditioned = True  # every image has its own class texts
 
-    def __init__(self, model: nn.Module, classnames: Sequence[str], *, n_ctx: int = 4,
+    default_n_ctx = 4  # CoCoOp's N_CTX, for a random start
+
+    def __init__(self, model: nn.Module, classnames: Sequence[str], *, n_ctx: int | None = None,
                  ctx_init: str | None = "a photo of a", class_token_position: str = "end", impl: str = "auto",
                  text_chunk_size: int | None = None, generator: torch.Generator | None = None,
                  class_specific: bool = False):

@@ -60,8 +60,8 @@ class RunConfig:
     method: str = "dpl"  # dpl | coop | cocoop | zero_shot | uniform:LENGTH:DEPTH (METHOD_PRESETS fill its defaults)
     train_epochs: int = 40
     prompt_config: str | None = None  # a PromptConfig JSON, or a preset: zero_shot | uniform:LENGTH:DEPTH
-    n_ctx: int = 16  # CoOp / CoCoOp: context vectors (when ctx_init gives no words)
-    ctx_init: str | None = None  # CoOp / CoCoOp: words that initialise the context, e.g. "a photo of a"
+    n_ctx: int | None = None  # CoOp / CoCoOp: context vectors; none: ctx_init's tokens, else 16 / 4
+    ctx_init: str | None = None  # CoOp / CoCoOp: words that initialise the context, e.g. "a photo of a"; none/"": random
     class_specific: bool = False  # CoOp: one context per class
     class_token_position: str = "end"  # CoOp / CoCoOp: end | middle | front
     distill_weight: float = 0.0
@@ -109,8 +109,6 @@ class RunConfig:
         if self.template not in ("auto", *TEMPLATE_NAMES):
             check_format(self.template, "template")
         check_method(self.method)
-        if self.ctx_init is not None and not str(self.ctx_init).strip():
-            raise ValueError("ctx_init must be words such as 'a photo of a', or none")
         if self.tpt_augmix not in ("auto", "true", "false", True, False):
             raise ValueError(f"tpt_augmix must be auto, true or false, got {self.tpt_augmix!r}")
         if not 0.0 <= self.prompt_dropout < 1.0:
@@ -260,8 +258,9 @@ SETTINGS = {
     "train_epochs": ("training", ("train",), "epochs of the train stage", None),
     "prompt_config": ("training", ("train",), "configuration: a PromptConfig JSON, zero_shot, uniform:LENGTH:DEPTH, "
                       "or an authors' search output folder / alpha .npy (default: the search stage's)", None),
-    "n_ctx": ("context", ("train",), "CoOp/CoCoOp: number of context vectors (ctx_init words set it otherwise)", None),
-    "ctx_init": ("context", ("train",), "CoOp/CoCoOp: words initialising the context, e.g. 'a photo of a'; none: "
+    "n_ctx": ("context", ("train",), "CoOp/CoCoOp: number of context vectors; none: one per token of --ctx-init's "
+              "words, else 16 (CoOp) / 4 (CoCoOp); with words it must equal their token count", None),
+    "ctx_init": ("context", ("train",), "CoOp/CoCoOp: words initialising the context, e.g. 'a photo of a'; none or '': "
                  "N(0, 0.02^2)", None),
     "class_specific": ("context", ("train",), "CoOp: one context per class", ("true", "false")),
     "class_token_position": ("context", ("train",), "CoOp/CoCoOp: where the class name goes",
@@ -380,10 +379,10 @@ def coop_epochs(shots: int | None, dataset: str) -> int:
 # The reference settings of the CoOp-family methods (KaiyangZhou/CoOp's configs): the defaults of
 # every setting the YAML file and the command line leave unset when --method names them.
 METHOD_PRESETS = {
-    "coop": lambda values: dict(lr=0.002, batch_size=32, n_ctx=16, ctx_init=None, class_specific=False,
+    "coop": lambda values: dict(lr=0.002, batch_size=32, ctx_init=None, class_specific=False,
                                 class_token_position="end", warmup_epochs=1, warmup_lr=1e-5,
                                 train_epochs=coop_epochs(values.get("shots", 16), values.get("dataset", ""))),
-    "cocoop": lambda values: dict(lr=0.002, batch_size=1, train_epochs=10, n_ctx=4, ctx_init="a photo of a",
+    "cocoop": lambda values: dict(lr=0.002, batch_size=1, train_epochs=10, ctx_init="a photo of a",
                                   class_token_position="end", warmup_epochs=1, warmup_lr=1e-5),
 }
 

@@ -17,7 +17,7 @@ DEMO_SETTINGS = dict(
     dataset="builtin:digits", model="tiny", pretrained=None, template="a photo of the number {}.", shots=16, seed=1,
     batch_size=8, val_batch_size=8, search_epochs=20, train_epochs=20, lr=0.01, arch_lr=0.02, warmup_epochs=1, grad_clip=1.0,
     crop_scale=[0.6, 1.0], flip=False, eval_batch_size=200, workers=0, device="cpu", output="runs/demo",
-    n_ctx=4, ctx_init="a photo of the number", tpt_context="a photo of the number", tpt_views=16, tpt_group=16,
+    ctx_init="a photo of the number", tpt_context="a photo of the number", tpt_views=16, tpt_group=16,
     resume=True)  # a second `fastdpl demo` picks up its finished checkpoints instead of refusing
 BASELINE = "uniform:1:4"  # one prompt token in all 4 blocks of both towers: the manual deep-prompt baseline
 

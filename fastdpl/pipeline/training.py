@@ -362,9 +362,8 @@ def fit(job, out: Path, stage: str, training: Training) -> list:
     returns the per-epoch history."""
     cfg = job.cfg
     start, history = _start_epoch(job, out, training)
-    # the train stage trains on the train and validation lists together where the layout names them (VTAB-1k)
-    samples = job.splits.final_train if stage == "train" else job.splits.train
-    train = training.loader if training.loader is not None else train_loader(job, samples, cfg.seed)
+    train = training.loader if training.loader is not None else train_loader(job, training_samples(job, stage),
+                                                                            cfg.seed)
     objective = training.objective
     if job.ranks.main and start == 0:  # a resumed run keeps the record of what made its checkpoint
         save_yaml(cfg, out / "run.yaml")
@@ -400,6 +399,12 @@ def fit(job, out: Path, stage: str, training: Training) -> list:
         log.epoch(history)
     log.close()
     return history
+
+
+def training_samples(job, stage: str) -> list:
+    """The images a stage trains on: the training split, or for the train stage the train and
+    validation lists together where the layout names them (VTAB-1k's train800val200)."""
+    return job.splits.final_train if stage == "train" else job.splits.train
 
 
 def prompt_schedule(optimizer, cfg, epochs: int):
