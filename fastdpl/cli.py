@@ -6,6 +6,8 @@
     fastdpl zeroshot|search|train|eval|tpt [--config run.yaml] [--dataset NAME --root DIR ...]
     fastdpl train --method coop|cocoop|dpl|zero_shot|uniform:L:D ...
     fastdpl report RUN_DIRS... --out results/summary
+    fastdpl linear-probe --dataset NAME ...  the linear-probe CLIP baseline (CoOp's lpclip)
+    fastdpl interpret PROMPTS [--topk 3]  the vocabulary tokens nearest to learned contexts / first-block text prompts
     fastdpl check-data --dataset NAME --root DIR
     fastdpl import-alpha AUTHORS_OUTPUT [--epoch E] --out prompt_config.json   the authors' searched alpha
     fastdpl datasets                  the datasets and the folders they need
@@ -61,6 +63,21 @@ def _stage_parsers(sub) -> None:
     alpha.add_argument("--not-swapped", action="store_true",
                        help="the files are named for what they hold (a corrected copy of their code)")
     alpha.add_argument("--out", default="prompt_config.json", help="where to write the configuration")
+    probe = sub.add_parser("linear-probe", help="the linear-probe CLIP baseline (CoOp's lpclip): logistic regression "
+                           "on frozen image features, C chosen on the validation split",
+                           description="Logistic regression on the frozen CLIP's image features of the few-shot "
+                           "training images, its regularisation chosen on the validation split as CoOp's lpclip "
+                           "chooses it; features cached under <output>/linear_probe/features.")
+    add_config_arguments(probe, "linear_probe")
+    interpret = sub.add_parser("interpret", help="the vocabulary tokens nearest to learned prompts (CoOp's "
+                               "interpret_prompt.py)", description="For each learned vector in the token-embedding "
+                               "space (CoOp/CoCoOp contexts, DPL's text prompts at the first text block): the nearest "
+                               "vocabulary tokens by Euclidean distance. Other prompts are listed as not interpretable.")
+    interpret.add_argument("prompts", help="a prompts.pt written by search, train or fastdpl's modules")
+    interpret.add_argument("--topk", type=int, default=3, help="tokens per vector (default 3)")
+    interpret.add_argument("--model", help="the CLIP it was trained on (default: the file's own settings)")
+    interpret.add_argument("--pretrained", help="its weights (default: the file's own settings)")
+    interpret.add_argument("--out", help="JSON result (default: interpretation.json beside the prompts file)")
     _lm_parsers(sub)
     check = sub.add_parser("check-data", help="validate a dataset root")
     check.add_argument("--dataset", required=True)
@@ -115,6 +132,22 @@ def _run_lm(args) -> int:
         lm.run_eval(cfg, prefixes=args.prefixes)
     else:
         getattr(lm, f"run_{args.lm_command}")(cfg)
+    return 0
+
+
+def _interpret(args) -> int:
+    import json
+
+    from .atomic import write_text_atomic
+    from .interpret import format_interpretation, interpret_file
+
+    out = Path(args.out) if args.out else Path(args.prompts).parent / "interpretation.json"
+    if out.exists():
+        raise FileExistsError(f"--out {out} exists: choose another path (nothing is overwritten)")
+    result = interpret_file(args.prompts, args.model, args.pretrained, args.topk)
+    print(format_interpretation(result))
+    write_text_atomic(out, json.dumps(result, indent=1))
+    print(f"wrote {out}")
     return 0
 
 
@@ -188,6 +221,20 @@ def _run(args) -> int:
         from .pipeline.demo import demo_config, run_demo
 
         run_demo(demo_config(output=args.output or "runs/demo", progress=not args.no_progress))
+        return 0
+    if args.command == "interpret":
+        return _interpret(args)
+    if args.command == "linear-probe":
+        from .pipeline.config import resolve_config
+        from .pipeline.linear_probe import run_linear_probe
+
+        cfg = resolve_config(args)
+        if args.dry_run:
+            import yaml
+
+            print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="")
+            return 0
+        run_linear_probe(cfg)
         return 0
     if args.command == "datasets":
         from .data.datasets import dataset_table

@@ -1,6 +1,6 @@
 """Compile candidate launch tiles ahead of time and record registers, spills and dots per choice.
 
-The tile table (kernels/configs.py) is chosen from these sweeps: per (kernel, dtype and fp32 dot
+The tile table (fastdpl/kernels/configs.py) is chosen from these sweeps: per (kernel, dtype and fp32 dot
 precision, head dim, mask, arch) a large tile that ptxas fits without spilling, with every main
 dot on tensor cores, on every Triton version the table is made for. ptxas ships inside the triton
 wheel, so register allocation changes with the wheel: run the sweep once per version, each in its

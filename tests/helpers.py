@@ -125,7 +125,7 @@ def design_backward64(tensors, grad_out, case: Case, out):
     Takes the forward output ``out`` as given and recovers dO.(original part) from
     dO.O, as DESIGN.md describes; with the exact output this must equal autograd
     through the reference loop. (The fused kernels read that term from the
-    original keys' own output instead; see kernels/backward.py.)
+    original keys' own output instead; see fastdpl/kernels/backward.py.)
     """
     q, k, v, pk, pv, w = (t.detach().cpu().to(torch.float64) for t in tensors)
     d_out, out = grad_out.cpu().to(torch.float64), out.cpu().to(torch.float64)

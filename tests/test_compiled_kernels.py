@@ -1,9 +1,9 @@
 """What a GPU would run, checked without one: every launch the launcher can choose, compiled
 ahead of time for sm_80, sm_90 and sm_100 exactly as a launch would specialise it, by the
-installed Triton and the ptxas inside its wheel (kernels/compiled.py).
+installed Triton and the ptxas inside its wheel (fastdpl/kernels/compiled.py).
 
 Per launch: it compiles; ptxas reports no register spills (none is tolerated: the tile
-table, kernels/configs.py, is chosen so that every launch fits on every Triton it was made
+table, fastdpl/kernels/configs.py, is chosen so that every launch fits on every Triton it was made
 for); shared memory fits the part's per-block limit; every main dot (QK^T, PV, dO V^T,
 dS K, dS^T Q and the prompt-side ones) runs on tensor cores, for bf16, fp16 and fp32 as
 users get it by default (tf32x3) or with TF32 allowed. Only the one-hot per-candidate

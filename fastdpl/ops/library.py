@@ -10,7 +10,7 @@ Two custom ops joined by ``register_autograd``:
 ``key_mask`` is an optional (B, N_k) bool tensor (no gradient); ``scale`` a float.
 
 Autograd saves ``out_x`` (the original keys' own attention output, which the
-backward reads instead of ``out``; see kernels/forward.py), not ``out``: the
+backward reads instead of ``out``; see fastdpl/kernels/forward.py), not ``out``: the
 layer after the attention keeps its own copy of ``out``, so the saved
 activations do not grow. Nothing is made contiguous: the kernels take strides.
 

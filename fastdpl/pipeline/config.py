@@ -86,12 +86,16 @@ class RunConfig:
     tpt_augmix: str = "auto"  # auto: AugMix views for fine-grained sets, crops only for the ImageNet family
     tpt_group: int = 1  # test images tuned together as one batch of independent prompts
     tpt_meta_input: str = "normalized"  # CoCoOp's meta-network input at test time: normalized | raw (TPT's code)
+    # the linear-probe baseline (fastdpl linear-probe)
+    probe_steps: int = 8  # rounds of lpclip's search of C after its first sweep
     # bookkeeping
     output: str = "runs/default"
     resume: bool = False
     progress: bool = True
 
     def validate(self) -> "RunConfig":
+        if not isinstance(self.probe_steps, int) or self.probe_steps < 0:
+            raise ValueError(f"probe_steps must be an int >= 0, got {self.probe_steps!r}")
         for name in ("batch_size", "val_batch_size", "search_epochs", "train_epochs", "eval_batch_size", "tpt_views",
                      "tpt_steps", "tpt_group"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
@@ -205,22 +209,23 @@ def _number(text: str):
     return text
 
 
-_EVAL = ("zeroshot", "search", "train", "eval", "tpt")  # every stage
+_EVAL = ("zeroshot", "search", "train", "eval", "tpt")  # every prompt stage
+_ALL = _EVAL + ("linear_probe",)  # and the linear-probe baseline (data, model and bookkeeping settings)
 _TRAINING = ("search", "train")
 # name: (group, stages that use it, one-line description, allowed values or None)
 SETTINGS = {
-    "dataset": ("data", _EVAL, "dataset name (`fastdpl datasets`), folder:PATH or json:PATH", None),
-    "root": ("data", _EVAL, "folder holding one folder per dataset", None),
-    "shots": ("data", _EVAL, "training images per class (validation: min(shots, 4)); none: all", None),
-    "seed": ("data", _EVAL, "seed of the few-shot draw, the prompts' init and every augmentation", None),
+    "dataset": ("data", _ALL, "dataset name (`fastdpl datasets`), folder:PATH or json:PATH", None),
+    "root": ("data", _ALL, "folder holding one folder per dataset", None),
+    "shots": ("data", _ALL, "training images per class (validation: min(shots, 4)); none: all", None),
+    "seed": ("data", _ALL, "seed of the few-shot draw, the prompts' init and every augmentation", None),
     "subsample": ("data", _EVAL, "classes to train and evaluate on (base-to-new protocol)", ("all", "base", "new")),
-    "split_cache": ("data", _EVAL, "folder for the cached few-shot draws (default: <output>/../splits)", None),
-    "workers": ("data", _EVAL, "DataLoader worker processes (does not change results)", None),
+    "split_cache": ("data", _ALL, "folder for the cached few-shot draws (default: <output>/../splits)", None),
+    "workers": ("data", _ALL, "DataLoader worker processes (does not change results)", None),
     "crop_scale": ("data", _TRAINING, "random resized crop scale range, as LOW,HIGH (training)", None),
     "flip": ("data", _TRAINING, "random horizontal flips (training)", ("true", "false")),
-    "model": ("model", _EVAL, "open_clip model name, a local Hugging Face CLIP/SigLIP folder, tiny (the "
+    "model": ("model", _ALL, "open_clip model name, a local Hugging Face CLIP/SigLIP folder, tiny (the "
               "built-in CLIP), or timm:NAME (a timm ViT classifier; timm:tiny: the tiny CLIP's image tower)", None),
-    "pretrained": ("model", _EVAL, "open_clip pretrained tag or file; for timm:NAME a checkpoint file; none: "
+    "pretrained": ("model", _ALL, "open_clip pretrained tag or file; for timm:NAME a checkpoint file; none: "
                    "random weights", None),
     "tokenizer": ("model", _EVAL, "class texts to token ids: auto (the model's own: a Hugging Face folder's "
                   "tokenizer files, open_clip's for SigLIP, else CLIP's BPE), clip, or a Hugging Face tokenizer "
@@ -230,8 +235,8 @@ SETTINGS = {
                  "embeddings), custom (the dataset's own), or a format string with {}", None),
     "impl": ("model", _EVAL, "attention engine (does not change results beyond rounding)",
              ("auto", "eager", "triton", "reference")),
-    "device": ("model", _EVAL, "device (auto: cuda when available)", None),
-    "precision": ("model", _EVAL, "fp32, or bf16 autocast", PRECISIONS),
+    "device": ("model", _ALL, "device (auto: cuda when available)", None),
+    "precision": ("model", _ALL, "fp32, or bf16 autocast", PRECISIONS),
     "text_chunk_size": ("model", _EVAL, "encode the class texts in checkpointed chunks of this many classes", None),
     "candidate_lengths": ("search", ("search",), "prompt lengths every block chooses from, as 0,1,2,...", None),
     "search_towers": ("search", ("search",), "towers whose blocks are searched, as image,text", None),
@@ -279,7 +284,7 @@ SETTINGS = {
                     "U(-b, b), b = sqrt(6 / (3 patch^2 + width)) (VPT's)", ("normal", "vpt")),
     "prompt_dropout": ("classifier", ("train",), "timm classifiers: VPT's dropout on the prompt tokens, a mask per "
                        "image (train stage)", None),
-    "eval_batch_size": ("evaluation", _EVAL, "images per evaluation batch", None),
+    "eval_batch_size": ("evaluation", _ALL, "images per evaluation batch", None),
     "eval_datasets": ("evaluation", _EVAL, "more test sets (cross-dataset, domain shift), as a,b,c", None),
     "tpt_views": ("tpt", ("tpt",), "views per test image (the original and augmented ones)", None),
     "tpt_keep": ("tpt", ("tpt",), "share of lowest-entropy views in the loss", None),
@@ -291,10 +296,12 @@ SETTINGS = {
     "tpt_group": ("tpt", ("tpt",), "test images tuned together as independent prompts", None),
     "tpt_meta_input": ("tpt", ("tpt",), "TPT on CoCoOp: the meta-network reads the normalized image feature "
                        "(as CoCoOp) or the raw one (the TPT code)", ("normalized", "raw")),
-    "output": ("bookkeeping", _EVAL, "run folder (each stage writes its own subfolder)", None),
-    "resume": ("bookkeeping", _EVAL, "continue from the run's checkpoint / keep its results (a bare flag: true)",
+    "probe_steps": ("linear probe", ("linear_probe",), "rounds of lpclip's search of C (the inverse L2 strength) on "
+                    "the validation split, after its sweep over 1e6 ... 1e-6", None),
+    "output": ("bookkeeping", _ALL, "run folder (each stage writes its own subfolder)", None),
+    "resume": ("bookkeeping", _ALL, "continue from the run's checkpoint / keep its results (a bare flag: true)",
                ("true", "false")),
-    "progress": ("bookkeeping", _EVAL, "progress bars (per-epoch lines print either way)", ("true", "false")),
+    "progress": ("bookkeeping", _ALL, "progress bars (per-epoch lines print either way)", ("true", "false")),
 }
 assert set(SETTINGS) == {f.name for f in fields(RunConfig)}, "every setting needs a SETTINGS entry"
 # Settings that cannot change what a stage computes: they may differ when a run is resumed,
