@@ -11,8 +11,13 @@ def test_demo_dpl_beats_zero_shot(tmp_path, capsys):
     assert (tmp_path / "demo" / "dpl" / "search" / "alpha_evolution.png").is_file()
     printed = capsys.readouterr().out
     assert "| zero-shot CLIP |" in printed and "| DPL (searched) |" in printed
-    assert list(table) == ["zero-shot CLIP", "deep prompts uniform:1:4", "DPL (searched)", "CoOp", "CoCoOp",
-                           "TPT (zero-shot CLIP)", "TPT + CoOp", "TPT + CoCoOp"]
+    assert list(table) == ["zero-shot CLIP", "deep prompts uniform:1:4", "deep prompts uniform:1:4 + PromptSRC",
+                           "DPL (searched)", "DPL + PromptSRC", "CoOp", "CoCoOp", "TPT (zero-shot CLIP)", "TPT + CoOp",
+                           "TPT + CoCoOp"]
+    for name in ("deep prompts uniform:1:4 + PromptSRC", "DPL + PromptSRC"):  # regularised, still learning
+        assert table[name] > table["zero-shot CLIP"], table
+    trained = __import__("torch").load(tmp_path / "demo" / "dpl-promptsrc" / "train" / "prompts.pt", weights_only=False)
+    assert trained["settings"]["regularizer"] == "promptsrc" and trained["settings"]["gpa_mean"] == 15.0
     assert table["CoOp"] > table["zero-shot CLIP"], table  # a learned context helps on the digits too
     for name in ("CoOp", "CoCoOp", "TPT + CoOp", "TPT + CoCoOp"):
         assert f"| {name} |" in printed

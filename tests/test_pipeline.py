@@ -184,9 +184,12 @@ def test_accuracy_per_class_against_a_direct_count(tmp_path):
 
 
 def test_distillation_teacher_skipped_at_weight_zero_and_exact_otherwise(tmp_path, monkeypatch):
+    from fastdpl.pipeline import regularizers
+
     job = stages.prepare(quick(tmp_path))
-    monkeypatch.setattr(stages, "zero_shot_teacher", lambda *a: pytest.fail("teacher ran at weight 0"))
-    assert stages.distillation(job, job.splits.classnames) == {}  # no regulariser, no frozen model
+    monkeypatch.setattr(regularizers, "frozen_image_features", lambda *a: pytest.fail("teacher ran at weight 0"))
+    monkeypatch.setattr(regularizers, "template_text_features", lambda *a: pytest.fail("teacher ran at weight 0"))
+    assert regularizers.train_regularization(job, job.splits.classnames) == {}  # no regulariser, no frozen model
     monkeypatch.undo()
     job.cfg.distill_weight, job.cfg.distill_temperature = 0.7, 2.0
     # All in float64 (the loss and an independent reference): they must agree to rounding.
@@ -201,7 +204,7 @@ def test_distillation_teacher_skipped_at_weight_zero_and_exact_otherwise(tmp_pat
 
     for teacher_setting, templates in (("ensemble", IMAGENET_TEMPLATES), ("last", ["itap of the {}."])):
         job.cfg.distill_teacher = teacher_setting
-        terms = stages.distillation(job, job.splits.classnames)
+        terms = regularizers.train_regularization(job, job.splits.classnames)
         (regularizer,) = terms["regularizers"]
         assert regularizer.frozen and not regularizer.features
         loss = regularizer.term(training.Step(images, None, student, frozen=terms["frozen"]))

@@ -67,6 +67,13 @@ class RunConfig:
     distill_weight: float = 0.0
     distill_temperature: float = 1.0
     distill_teacher: str = "ensemble"  # ensemble: all 60 templates; last: the last one only (the authors' code)
+    # PromptSRC's self-regularisation (pipeline/regularizers.py); --regularizer promptsrc fills its values
+    regularizer: str = "none"
+    src_text_weight: float = 0.0
+    src_image_weight: float = 0.0
+    src_logit_weight: float = 0.0
+    gpa_mean: float | None = None  # Gaussian prompt aggregation over the train stage's epochs (none: off)
+    gpa_std: float | None = None
     schedule: str = "cosine"  # cosine: constant warm-up then cosine (Dassl's); vpt: linear warm-up, cosine to 0
     # timm ViT classifiers (--model timm:NAME)
     preset: str = "none"  # vpt: VPT-deep's reference settings for every setting not given
@@ -106,6 +113,16 @@ class RunConfig:
             raise ValueError(f"warmup_epochs must be >= 0, got {self.warmup_epochs}")
         if self.distill_weight < 0:
             raise ValueError(f"distill_weight must be >= 0, got {self.distill_weight}")
+        for name in ("src_text_weight", "src_image_weight", "src_logit_weight"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if (self.gpa_mean is None) != (self.gpa_std is None):
+            missing = "--gpa-std" if self.gpa_std is None else "--gpa-mean"
+            raise ValueError(f"Gaussian prompt aggregation needs --gpa-mean and --gpa-std: give {missing} too"
+                             + (" (PromptSRC publishes them for 20 and 50 epochs only)"
+                                if self.regularizer == "promptsrc" else ""))
+        if self.gpa_std is not None and self.gpa_std <= 0:
+            raise ValueError(f"gpa_std must be > 0, got {self.gpa_std}")
         for name, (_, _, _, allowed) in SETTINGS.items():  # the string settings with a fixed set of values
             value = getattr(self, name)
             if allowed and _HINTS[name] is str and isinstance(value, str) and value not in allowed:
@@ -147,7 +164,9 @@ def check_family_settings(cfg: RunConfig) -> None:
             raise ValueError(f"{what}: settings of timm image classifiers (--model timm:NAME), not of a CLIP "
                              f"(--model {cfg.model})")
         return
-    text_side = {"template": "class-name templates", "tokenizer": "a text tokenizer", "subsample": "base-to-new "
+    text_side = {"regularizer": "PromptSRC (its terms read class texts)", "src_text_weight": "PromptSRC's text term",
+                 "src_image_weight": "PromptSRC's image term", "src_logit_weight": "PromptSRC's logit term",
+                 "template": "class-name templates", "tokenizer": "a text tokenizer", "subsample": "base-to-new "
                  "(new classes need class texts)", "eval_datasets": "cross-dataset evaluation (other label sets "
                  "need class texts)", "distill_weight": "distillation towards zero-shot CLIP"}
     for name in sorted(changed & set(text_side)):
@@ -284,6 +303,18 @@ SETTINGS = {
                     "U(-b, b), b = sqrt(6 / (3 patch^2 + width)) (VPT's)", ("normal", "vpt")),
     "prompt_dropout": ("classifier", ("train",), "timm classifiers: VPT's dropout on the prompt tokens, a mask per "
                        "image (train stage)", None),
+    "regularizer": ("training", ("train",), "promptsrc: PromptSRC's self-regularisation with its weights (text 25, "
+                    "image 10, logits 1), its epochs (20) and its Gaussian aggregation (20 epochs: mean 15, std 1; "
+                    "with --eval-datasets 6, 10; 50 epochs: 30, 30, or 45, 5 for Cars, Flowers, Aircraft, DTD, "
+                    "EuroSAT) for every setting not given", ("none", "promptsrc")),
+    "src_text_weight": ("training", ("train",), "PromptSRC: weight of L1(prompted, frozen) normalised text features "
+                        "(frozen: the mean over the 60 ImageNet templates)", None),
+    "src_image_weight": ("training", ("train",), "PromptSRC: weight of L1(prompted, frozen) normalised image features",
+                         None),
+    "src_logit_weight": ("training", ("train",), "PromptSRC: weight of KL(frozen zero-shot || prompted) logits, "
+                         "summed over the batch's logits and divided by their number", None),
+    "gpa_mean": ("training", ("train",), "Gaussian prompt aggregation: mean epoch of the weights (none: off)", None),
+    "gpa_std": ("training", ("train",), "Gaussian prompt aggregation: standard deviation in epochs", None),
     "eval_batch_size": ("evaluation", _ALL, "images per evaluation batch", None),
     "eval_datasets": ("evaluation", _EVAL, "more test sets (cross-dataset, domain shift), as a,b,c", None),
     "tpt_views": ("tpt", ("tpt",), "views per test image (the original and augmented ones)", None),
@@ -414,6 +445,13 @@ def method_config(**given) -> RunConfig:
     defaults.update(PRESETS.get(values["preset"], {}))
     preset = METHOD_PRESETS.get(values["method"])
     defaults.update(preset(values) if preset else {})
+    if values["regularizer"] == "promptsrc":
+        from .regularizers import promptsrc_defaults
+
+        # its aggregation follows the epochs given (or the method's) and the dataset
+        resolved = {**defaults, **given}
+        defaults.update(promptsrc_defaults({k: resolved[k] for k in ("train_epochs", "dataset", "eval_datasets",
+                                                                     "gpa_mean", "gpa_std") if k in resolved}))
     return RunConfig(**{**defaults, **given}).validate()
 
 

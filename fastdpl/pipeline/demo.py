@@ -1,8 +1,8 @@
 """``fastdpl demo``: the whole DPL protocol offline, on the built-in tiny CLIP and real handwritten digits.
 
 Zero-shot CLIP, a manual uniform deep-prompt baseline, DPL (search, then train the
-derived configuration), CoOp, CoCoOp, and test-time prompt tuning on zero-shot
-CLIP, CoOp and CoCoOp, on scikit-learn's bundled digits (16 shots per class); then
+derived configuration), each of those two also with PromptSRC's self-regularisation,
+CoOp, CoCoOp, and test-time prompt tuning on zero-shot CLIP, CoOp and CoCoOp, on scikit-learn's bundled digits (16 shots per class); then
 the accuracy table and the alpha heatmap. A few minutes on 2 CPU cores.
 """
 from __future__ import annotations
@@ -28,16 +28,24 @@ def demo_config(**overrides) -> RunConfig:
 
 def run_demo(cfg: RunConfig | None = None) -> dict:
     """Run every method under cfg.output; returns {method: top-1} and prints the table."""
+    from .regularizers import promptsrc_defaults
     from .stages import run_search, run_tpt, run_train, run_zeroshot
 
     cfg = cfg or demo_config()
     out = Path(cfg.output)
     start = time.perf_counter()
     stage = lambda **kw: dataclasses.replace(cfg, **kw)  # noqa: E731
+    # PromptSRC's weights and its 20-epoch aggregation (the demo trains 20 epochs)
+    src = dict(regularizer="promptsrc", **promptsrc_defaults({"train_epochs": cfg.train_epochs}))
     table = {"zero-shot CLIP": run_zeroshot(stage(output=str(out / "zeroshot")))["top1"]}
     table[f"deep prompts {BASELINE}"] = run_train(stage(output=str(out / "uniform"), method=BASELINE))["top1"]
+    table[f"deep prompts {BASELINE} + PromptSRC"] = run_train(stage(output=str(out / "uniform-promptsrc"),
+                                                                    method=BASELINE, **src))["top1"]
     run_search(stage(output=str(out / "dpl")))
     table["DPL (searched)"] = run_train(stage(output=str(out / "dpl")))["top1"]
+    searched = str(out / "dpl" / "search" / "prompt_config.json")
+    table["DPL + PromptSRC"] = run_train(stage(output=str(out / "dpl-promptsrc"), prompt_config=searched,
+                                               **src))["top1"]
     for method, name in (("coop", "CoOp"), ("cocoop", "CoCoOp")):
         table[name] = run_train(stage(output=str(out / method), method=method))["top1"]
     # test-time prompt tuning: zero-shot CLIP's context, then the learned CoOp and CoCoOp contexts

@@ -13,17 +13,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from ..atomic import save_atomic, write_text_atomic
 from ..config import PromptConfig
 from ..data import fewshot_splits, load_dataset, subsample_classes
-from ..dtypes import at_least_float32
 from ..methods import CONTEXT_METHODS, CoOpPrompt
 from ..methods.context import STATE_FORMAT as CONTEXT_FORMAT
 from ..models import is_classifier, load_clip, load_tokenizer
 from ..prompt import FastDPLPrompt
-from ..templates import CUSTOM_TEMPLATES, IMAGENET_TEMPLATES, resolve_template, tokenize_classes
+from ..templates import CUSTOM_TEMPLATES, resolve_template
 from ..adapters import adapt
 from .classifier import wrap
 from .config import RunConfig
@@ -31,7 +29,8 @@ from .evaluation import evaluate_and_write, tally
 from .loaders import cycle_batches, first_batch, make_loader
 from .logs import alpha_entropy
 from .runtime import Dist, autocast, barrier, init_distributed, pick_device, seed_everything
-from .training import Regularizer, Training, fit, prompt_schedule
+from .regularizers import aggregation, train_regularization
+from .training import Training, fit, prompt_schedule
 
 
 @dataclass
@@ -181,47 +180,6 @@ def resolve_prompt_config(job: Job) -> tuple[PromptConfig, str]:
     return PromptConfig.load(spec), "dpl"
 
 
-def teacher_templates(cfg: RunConfig) -> tuple[str, ...]:
-    """The distillation teacher's templates: all of IMAGENET_TEMPLATES ("ensemble", fastdpl's), or only
-    the last ("last": the authors' train stage, which appends one template's features after its loop)."""
-    return IMAGENET_TEMPLATES if cfg.distill_teacher == "ensemble" else IMAGENET_TEMPLATES[-1:]
-
-
-def zero_shot_teacher(job: Job, classnames):
-    """Zero-shot CLIP logits as a function of the images; text features average the normalised
-    features of the teacher's templates (CLIP's prompt ensembling)."""
-    model = adapt(job.model)
-    context = model.context_length
-    with torch.no_grad():
-        per_template = [F.normalize(at_least_float32(model.encode_text(
-            tokenize_classes(classnames, t, job.tokenizer, context).to(job.device))), dim=-1)
-            for t in teacher_templates(job.cfg)]
-        text = F.normalize(torch.stack(per_template).mean(0), dim=-1)
-
-    def logits(images):
-        with torch.no_grad():
-            image = F.normalize(at_least_float32(model.encode_image(images)), dim=-1)
-            return model.logit_scale.exp() * image @ text.T  # the frozen model's own head
-    return logits
-
-
-def distillation(job: Job, classnames) -> dict:
-    """The distillation term as Training arguments: KL(teacher || student) at temperature T,
-    weighted, the teacher being zero-shot CLIP (the frozen model); nothing when the weight is 0
-    (the teacher never runs)."""
-    cfg = job.cfg
-    if cfg.distill_weight == 0:
-        return {}
-    T = cfg.distill_temperature
-
-    def term(step):
-        target = F.log_softmax(step.frozen() / T, dim=-1)
-        student = F.log_softmax(at_least_float32(step.predictions) / T, dim=-1)
-        return cfg.distill_weight * T * T * F.kl_div(student, target, log_target=True, reduction="batchmean")
-    return {"regularizers": (Regularizer("distillation", term, frozen=True),),
-            "frozen": zero_shot_teacher(job, classnames)}
-
-
 def context_settings(cfg: RunConfig) -> dict:
     """The settings that build a CoOp / CoCoOp module (saved with its state)."""
     return {"method": cfg.method, "n_ctx": cfg.n_ctx, "ctx_init": cfg.ctx_init,
@@ -281,7 +239,7 @@ def run_train(cfg: RunConfig) -> dict:
     if optimizer is not None:
         fit(job, out, "train", Training(module, family.net(job, module), {"prompt": optimizer},
                                         prompt_schedule(optimizer, cfg, cfg.train_epochs), cfg.train_epochs,
-                                        **family.regularizers(job)))
+                                        aggregation=aggregation(job, module), **family.regularizers(job)))
     if job.ranks.main:
         save_atomic({**module.prompt_state_dict(), "method": method, "template": job.template,
                      "settings": cfg.to_dict()}, out / "prompts.pt")
@@ -355,7 +313,8 @@ class ClipFamily:
 
     @staticmethod
     def regularizers(job: Job) -> dict:
-        return distillation(job, job.splits.classnames)
+        """Distillation towards zero-shot CLIP and PromptSRC's terms (pipeline/regularizers.py)."""
+        return train_regularization(job, job.splits.classnames)
 
     rebuilder = staticmethod(rebuilder)
     load_prompted = staticmethod(_load_prompted)

@@ -355,6 +355,8 @@ class Training:
     micro_batches: int = 1  # gradient accumulation: pieces of each training batch (loss_step)
     unit: str = "img"  # what the objective's tally counts, for the progress bar's throughput
     after_epoch: Callable | None = None  # history -> None (e.g. write alpha_history.json)
+    # after each epoch add(epoch); apply() at the end; state_dict() in checkpoints (PromptSRC's GPA)
+    aggregation: object = None
 
 
 def fit(job, out: Path, stage: str, training: Training) -> list:
@@ -393,11 +395,15 @@ def fit(job, out: Path, stage: str, training: Training) -> list:
             training.scheduler.step()
         history.append({"epoch": epoch + 1, **meter.epoch_summary(job.ranks), "lr": lr,
                         **(training.record() if training.record else {})})
+        if training.aggregation is not None:
+            training.aggregation.add(epoch + 1)
         _save_checkpoint(job, out, epoch + 1, training, history)
         if training.after_epoch and job.ranks.main:
             training.after_epoch(history)
         log.epoch(history)
     log.close()
+    if training.aggregation is not None:  # the run's result is the aggregate (resumed runs too)
+        training.aggregation.apply()
     return history
 
 
@@ -433,6 +439,8 @@ def _start_epoch(job, out: Path, training: Training) -> tuple[int, list]:
         optimizer.load_state_dict(state["optimizers"][name])
     training.scheduler.load_state_dict(state["scheduler"])
     set_rng_state(state["rng"])
+    if training.aggregation is not None:
+        training.aggregation.load_state_dict(state["aggregation"])
     if job.ranks.main:
         print(f"resuming {path} at epoch {state['epoch']}")
     return state["epoch"], state.get("history", [])
@@ -443,5 +451,7 @@ def _save_checkpoint(job, out: Path, epoch: int, training: Training, history) ->
         save_atomic({"epoch": epoch, "prompts": training.module.prompt_state_dict(),
                      "optimizers": {k: o.state_dict() for k, o in training.optimizers.items()},
                      "scheduler": training.scheduler.state_dict(), "rng": rng_state(), "history": history,
-                     "settings": job.cfg.to_dict()}, checkpoint_path(out))
+                     "settings": job.cfg.to_dict(),
+                     **({"aggregation": training.aggregation.state_dict()} if training.aggregation else {})},
+                    checkpoint_path(out))
     barrier(job.ranks)
