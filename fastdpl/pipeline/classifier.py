@@ -58,6 +58,11 @@ def wrap(module, ranks: Dist, device: str) -> nn.Module:
     classifier. A method whose class texts depend on the image (CoCoOp) is not sharded: each rank
     runs its own images' B x C texts, and DDP averages the gradients."""
     net = module if getattr(module, "image_conditioned", False) else ShardedTextClassifier(module, ranks)
+    return data_parallel(net, ranks, device)
+
+
+def data_parallel(net: nn.Module, ranks: Dist, device: str) -> nn.Module:
+    """DDP around ``net`` under torchrun (gradients averaged over ranks), else ``net`` itself."""
     if not ranks.enabled:
         return net
     device_ids = [torch.device(device).index] if device.startswith("cuda") else None

@@ -48,9 +48,8 @@ def promptsrc_defaults(values: dict) -> dict:
     from ..data import canonical_name
 
     out = dict(src_text_weight=25.0, src_image_weight=10.0, src_logit_weight=1.0)
-    epochs = values.get("train_epochs") if "train_epochs" in values else 20
-    if "train_epochs" not in values:
-        out.update(train_epochs=20)
+    epochs = values.setdefault("train_epochs", 20)
+    out.update(train_epochs=epochs)
     if epochs == 20:
         gpa = GPA_CROSS_DATASET if values.get("eval_datasets") else GPA_BASE_TO_NEW
     elif epochs == 50:

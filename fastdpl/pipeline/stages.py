@@ -250,13 +250,18 @@ def _default_prompts(job: Job) -> str:
     return str(Path(job.cfg.output) / "train" / "prompts.pt")
 
 
-def _load_prompted(job: Job, prompts: str | None):
-    """(module, method label, path, training settings) of a saved prompts file, rebuilt around this
-    run's classes from the file alone: its method, configuration and text input."""
+def read_prompts(job: Job, prompts: str | None) -> tuple[Path, dict]:
+    """(path, state) of a saved prompts file (default: the train stage's)."""
     path = Path(prompts) if prompts else Path(_default_prompts(job))
     if not path.is_file():
         raise FileNotFoundError(f"no prompts at {path}: run `fastdpl train` first or pass --prompts FILE")
-    state = torch.load(path, map_location="cpu", weights_only=False)
+    return path, torch.load(path, map_location="cpu", weights_only=False)
+
+
+def _load_prompted(job: Job, prompts: str | None):
+    """(module, method label, path, training settings) of a saved prompts file, rebuilt around this
+    run's classes from the file alone: its method, configuration and text input."""
+    path, state = read_prompts(job, prompts)
     if job.cfg.template == "auto":  # the text input the prompts were trained with
         job.template = state.get("template") or _training_settings(state, path).get("template") or job.template
         job.template = job.template if job.template != "auto" else "default"

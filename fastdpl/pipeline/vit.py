@@ -19,6 +19,7 @@ import torch.nn as nn
 from ..data import fewshot_splits, load_dataset
 from ..models import classifier_image_size, classifier_stats, load_classifier
 from ..vit import FastDPLViT
+from .classifier import data_parallel
 from .config import RunConfig
 from .runtime import init_distributed, pick_device, seed_everything
 
@@ -67,10 +68,7 @@ def optimizer(job, dpl: FastDPLViT) -> torch.optim.Optimizer:
 def net(job, dpl: FastDPLViT) -> nn.Module:
     """The module called in training: DDP around the FastDPLViT under torchrun (every rank its own
     images; prompts, alpha and head gradients averaged), else the module itself."""
-    if not job.ranks.enabled:
-        return dpl
-    device_ids = [torch.device(job.device).index] if job.device.startswith("cuda") else None
-    return nn.parallel.DistributedDataParallel(dpl, device_ids=device_ids, broadcast_buffers=False)
+    return data_parallel(dpl, job.ranks, job.device)
 
 
 def trained(job):
@@ -84,12 +82,9 @@ def trained(job):
 
 def load_prompted(job, prompts: str | None):
     """(module, method label, path, training settings) of a saved prompts file around this model."""
-    from .stages import _default_prompts, _training_settings
+    from .stages import _training_settings, read_prompts
 
-    path = Path(prompts) if prompts else Path(_default_prompts(job))
-    if not path.is_file():
-        raise FileNotFoundError(f"no prompts at {path}: run `fastdpl train` first or pass --prompts FILE")
-    state = torch.load(path, map_location="cpu", weights_only=False)
+    path, state = read_prompts(job, prompts)
     if not isinstance(state, dict) or "bank" not in state or "head" not in state:
         raise ValueError(f"{path} holds no FastDPLViT prompts (a CLIP's prompts? evaluate them with --model of "
                          "that CLIP)")
