@@ -45,6 +45,17 @@ INITS = ("normal", "paper")
 STATE_FORMAT = "fastdpl-prompts-v1"
 
 
+def _slice_bounds(classes: slice, count: int) -> tuple[int, int]:
+    """``classes.indices(count)[:2]`` for a step-1 slice, in plain arithmetic: torch 2.11's Dynamo
+    cannot trace ``slice.indices`` (a graph break in every compiled step)."""
+    def bound(value, default):
+        if value is None:
+            return default
+        value = int(value) + count if value < 0 else int(value)
+        return min(max(value, 0), count)
+    return bound(classes.start, 0), bound(classes.stop, count)
+
+
 class FastDPLPrompt(BankHolder, nn.Module):
     """Differentiable Prompt Learning around an open_clip CLIP model.
 
@@ -385,7 +396,7 @@ class FastDPLPrompt(BankHolder, nn.Module):
     def _class_range(self, classes: slice | None) -> tuple[int, int]:
         if classes is not None and (not isinstance(classes, slice) or classes.step not in (None, 1)):
             raise ValueError(f"classes must be a contiguous slice, got {classes!r}")
-        lo, hi, _ = (classes or slice(None)).indices(self.num_classes)
+        lo, hi = _slice_bounds(classes or slice(None), self.num_classes)
         if hi <= lo:
             raise ValueError(f"classes={classes!r} selects no class of {self.num_classes}")
         return lo, hi

@@ -8,7 +8,7 @@ import fastdpl.profiling as profiling
 from fastdpl import FastDPLPrompt, PromptConfig
 from fastdpl.literal import literal_logits
 from fastdpl.adapters import UnsupportedModelError
-from helpers import CLASSNAMES, TRITON_DEVICE, normalised_error, tiny_clip
+from helpers import CLASSNAMES, TRITON_DEVICE, assert_matches, normalised_error, tiny_clip
 
 needs_triton = pytest.mark.skipif(TRITON_DEVICE is None, reason="Triton needs CUDA or TRITON_INTERPRET=1")
 REL_TOL = 1e-4  # fp32 relative error allowed against the literal implementation
@@ -406,6 +406,20 @@ def test_bad_arguments_raise(kwargs, match):
     classnames = kwargs.pop("classnames")
     with pytest.raises(ValueError, match=match):
         FastDPLPrompt(tiny_clip(), classnames, **kwargs)
+
+
+def test_class_slices_select_what_python_slices_select():
+    """encode_text(classes) for open, negative and out-of-range bounds: the rows of the whole
+    encode_text that the same slice of a list of the classes picks (its own arithmetic, not
+    slice.indices: torch 2.11's Dynamo cannot trace that); an empty or strided one is refused."""
+    dpl = FastDPLPrompt(tiny_clip(), CLASSNAMES[:5], mode="fixed", config=PromptConfig.uniform(1, 2, 3), impl="eager")
+    every = dpl.encode_text().detach()
+    for start, stop in ((None, None), (1, None), (None, -1), (-3, 4), (-9, 2), (3, 99), (-1, None)):
+        rows = list(range(5))[start:stop]
+        assert_matches(dpl.encode_text(slice(start, stop)).detach(), every[rows], 1e-5, f"slice({start}, {stop})")
+    for bad in (slice(3, 3), slice(-1, -2), slice(0, 4, 2)):
+        with pytest.raises(ValueError, match="^classes"):
+            dpl.encode_text(bad)
 
 
 def test_unsupported_towers_are_refused():

@@ -22,16 +22,17 @@ from functools import lru_cache
 import torch
 import triton
 
-from fastdpl.ops import triton_interpreted
-
 from . import configs
 from .backward import kv_bwd_kernel, prompt_bwd_kernel, q_bwd_kernel
 from .forward import mixture_attention_fwd_kernel
+from .interpreter import fix_loop_bounds, interpreted
 
 LOG2E = 1.4426950408889634
 MIN_HEAD_DIM, MAX_HEAD_DIM = 16, 128
 # Kernels were decorated in interpreter mode iff TRITON_INTERPRET was set when they were imported.
-INTERPRETED = triton_interpreted()
+INTERPRETED = interpreted()
+if INTERPRETED:
+    fix_loop_bounds()  # Triton 3.6's interpreter on NumPy >= 2.5 (kernels/interpreter.py)
 FP32_PRECISIONS = ("tf32x3", "tf32", "ieee")
 _fp32_precision = os.environ.get("FASTDPL_FP32_PRECISION", "tf32x3")
 
