@@ -15,7 +15,6 @@ from fastdpl.pipeline import regularizers, stages, training
 from fastdpl.pipeline.classifier import wrap
 from fastdpl.pipeline.config import method_config
 from fastdpl.pipeline.demo import demo_config
-from fastdpl.pipeline.runtime import Dist
 from fastdpl.templates import IMAGENET_TEMPLATES
 from helpers import normalised_error, stop_after_checkpoint
 
@@ -63,7 +62,7 @@ def test_the_regularised_loss_is_literal_promptsrc_with_gradients(tmp_path, meth
     terms = stages.ClipFamily.regularizers(job)
     assert [r.name for r in terms["regularizers"]] == ["promptsrc_text", "promptsrc_image", "promptsrc_logits"]
     images, labels = _images(), torch.tensor([0, 3, 5, 9])
-    ours, _ = training.step_loss(wrap(module, Dist(), "cpu"), images, labels, regularizers=terms["regularizers"],
+    ours, _ = training.step_loss(wrap(module, job), images, labels, regularizers=terms["regularizers"],
                                  frozen=terms["frozen"])
     model, names = job.model, job.splits.classnames
     if method == "dpl":

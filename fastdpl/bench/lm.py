@@ -14,7 +14,10 @@ download), frozen. Providers, timed interleaved in one run:
   every query and the real keys causal. The rows' ``peer`` field says which one ran;
 * ``literal``: the supernet as the authors built CLIP's: each layer's whole attention module (q/k/v
   projections, rotary, output projection) run once per candidate with that candidate's prefix (the
-  search's own prompts and alpha, read from its bank), the outputs mixed by softmax(alpha).
+  search's own prompts and alpha, read from its bank), the outputs mixed by softmax(alpha);
+* ``search_compiled``: the search through ``torch.compile`` (what ``fastdpl lm --compile`` runs) on
+  shapes that name a backend (``LMShape.compiled``: inductor on GPU and CPU shapes, aot_eager in
+  smoke runs, which check the plumbing, not the speed); its ``first_call_s`` includes the compile.
 
 Reported: median and IQR per step, peak CUDA memory (none on a CPU), and the ratios search /
 single_path in time and memory (``vs_single_path``, ``memory_vs_single_path``) and literal / this
@@ -35,12 +38,12 @@ import torch.nn as nn
 from fastdpl.adapters import hf_lm
 from fastdpl.lm import LM_LENGTHS, FastDPLPrefix
 from .suite import (
-    STEP_COLUMNS, Suite, add_step_arguments, provider_names, release, run_step_suite, run_suite, step_ratios, table,
-    time_calls,
+    COMPILED_COLUMNS, STEP_COLUMNS, Suite, add_ratios, add_step_arguments, provider_names, release, run_step_suite,
+    run_suite, step_ratios, table, time_calls,
 )
 from .timing import add_common_arguments
 
-PROVIDERS = ("search", "single_path", "literal")
+PROVIDERS = ("search", "single_path", "literal", "search_compiled")
 SINGLE_PATHS = ("auto", "peft", "sdpa")
 PREFIX_SDPA = "fastdpl_bench_prefix_sdpa"
 # attention module -> its prefix (2, H_kv, n, head_dim) for the next call; weak: the models own nothing here.
@@ -75,14 +78,16 @@ class LMShape:
     batch: int
     seq: int
     lengths: tuple = LM_LENGTHS
+    compiled: str | None = None  # the torch.compile backend of a search_compiled row; None: no such row
 
 
 LLAMA_1B = Llama(16, 2048, 32, 8, 64, 8192, 128256)  # Llama-3.2-1B's shape (its llama3 rope scaling costs nothing)
 LLAMA_CPU = Llama(4, 256, 8, 2, 32, 1024, 1024)
 LLAMA_SMOKE = Llama(2, 64, 4, 2, 16, 128, 256)
-GPU_SHAPES = [LMShape("llama-1b-n512", LLAMA_1B, 4, 512), LMShape("llama-1b-n2048", LLAMA_1B, 4, 2048)]
-CPU_SHAPES = [LMShape("llama-cpu-n256", LLAMA_CPU, 2, 256)]
-SMOKE_SHAPES = [LMShape("llama-smoke", LLAMA_SMOKE, 2, 64)]
+GPU_SHAPES = [LMShape("llama-1b-n512", LLAMA_1B, 4, 512, compiled="inductor"),
+              LMShape("llama-1b-n2048", LLAMA_1B, 4, 2048)]
+CPU_SHAPES = [LMShape("llama-cpu-n256", LLAMA_CPU, 2, 256, compiled="inductor")]
+SMOKE_SHAPES = [LMShape("llama-smoke", LLAMA_SMOKE, 2, 64, compiled="aot_eager")]
 
 
 def build_model(llama: Llama, device, dtype=torch.float32) -> nn.Module:
@@ -244,6 +249,9 @@ def providers(model: nn.Module, shape: LMShape, impl: str, names=PROVIDERS, sing
     search_params = search.prompt_parameters() + search.arch_parameters()
     if "search" in names:
         found["search"], peers["search"] = (search, search_params), f"fastdpl {impl}"
+    if "search_compiled" in names and shape.compiled:
+        found["search_compiled"] = (torch.compile(search, backend=shape.compiled), search_params)
+        peers["search_compiled"] = f"compile {shape.compiled}"
     if literal_model is not None:
         found["literal"], peers["literal"] = (literal_supernet(literal_model, search), search_params), "per-candidate"
     return {n: found[n] for n in PROVIDERS if n in found}, peers
@@ -269,13 +277,14 @@ def bench_shape(shape: LMShape, device, dtype, impl, repeats, warmup, names=PROV
     for r in rows:
         r["peer"] = peers[r["provider"]]
     step_ratios(rows)
+    add_ratios(rows, "search", "vs_search", only=lambda name: name == "search_compiled")
     del calls
     release(device)  # the next shape's three 1B models should not sit beside this one's
     return rows
 
 
 def format_table(rows) -> str:
-    return table(rows, [("shape", 15), ("provider", 11), ("peer", 13)], STEP_COLUMNS)
+    return table(rows, [("shape", 15), ("provider", 15), ("peer", 17)], STEP_COLUMNS + COMPILED_COLUMNS)
 
 
 def describe(shape: LMShape) -> str:

@@ -10,7 +10,10 @@ the architecture logits). Providers, timed interleaved in one run:
 * ``literal``: the authors'-style supernet (fastdpl.literal): one full
   nn.MultiheadAttention per candidate, untruncated text;
 * ``train`` and ``train_literal``: the train stage's step (fixed mode, a
-  heterogeneous configuration drawn with a seed) and the same literally.
+  heterogeneous configuration drawn with a seed) and the same literally;
+* ``search_compiled``: the search step through ``torch.compile`` (what ``--compile`` runs), on
+  the shapes that name a backend (``StepShape.compiled``: inductor on GPU and CPU shapes, aot_eager
+  in smoke runs, which check the plumbing, not the speed). Its ``first_call_s`` includes the compile.
 
 The literal providers exist for open_clip models only (they call its attention
 modules); Hugging Face CLIP and SigLIP shapes (models ``hf-clip-*``,
@@ -32,7 +35,7 @@ from fastdpl.adapters import adapt
 from fastdpl.config import PromptConfig
 from fastdpl.literal import literal_logits
 from fastdpl.prompt import FastDPLPrompt
-from .suite import Suite, add_ratios, run_suite, suite_main, table, time_calls
+from .suite import COMPILED_COLUMNS, Suite, add_ratios, run_suite, suite_main, table, time_calls
 
 
 @dataclass(frozen=True)
@@ -42,10 +45,11 @@ class StepShape:
     batch: int
     classes: int
     lengths: tuple = tuple(range(7))
+    compiled: str | None = None  # the torch.compile backend of a search_compiled row; None: no such row
 
 
 GPU_SHAPES = [
-    StepShape("b4-100cls", "ViT-B-16", 4, 100),
+    StepShape("b4-100cls", "ViT-B-16", 4, 100, compiled="inductor"),
     StepShape("b32-100cls", "ViT-B-16", 32, 100),
     StepShape("b4-1000cls", "ViT-B-16", 4, 1000),
     StepShape("b32-1000cls", "ViT-B-16", 32, 1000),
@@ -53,8 +57,8 @@ GPU_SHAPES = [
     StepShape("hf-siglip-b32-100cls", "hf-siglip-b16", 32, 100),
     StepShape("siglip-b32-100cls", "ViT-B-16-SigLIP", 32, 100),
 ]
-CPU_SHAPES = [StepShape("b8-10cls", "ViT-B-16", 8, 10)]
-SMOKE_SHAPES = [StepShape("smoke", "tiny", 2, 3, (0, 1, 2)),
+CPU_SHAPES = [StepShape("b8-10cls", "ViT-B-16", 8, 10, compiled="inductor")]
+SMOKE_SHAPES = [StepShape("smoke", "tiny", 2, 3, (0, 1, 2), compiled="aot_eager"),
                 StepShape("hf-clip-smoke", "hf-clip-tiny", 2, 3, (0, 1, 2)),
                 StepShape("hf-siglip-smoke", "hf-siglip-tiny", 2, 3, (0, 1, 2)),
                 StepShape("siglip-smoke", "siglip-tiny", 2, 3, (0, 1, 2))]
@@ -173,12 +177,14 @@ def providers(model, shape: StepShape, impl: str):
         "train": step_fn(train, train.prompt_parameters(), labels),
         "train_literal": step_fn(functools.partial(literal_logits, train), train.prompt_parameters(), labels),
     }
+    if shape.compiled:
+        calls["search_compiled"] = step_fn(torch.compile(search, backend=shape.compiled), search_params, labels)
     return {k: v for k, v in calls.items() if k in provider_names(shape)}
 
 
 def provider_names(shape: StepShape) -> list:
     """The providers a shape has: the literal ones for open_clip ViT models only."""
-    names = ["search", "single_path", "literal", "train", "train_literal"]
+    names = ["search", "single_path", "literal", "train", "train_literal"] + ["search_compiled"] * bool(shape.compiled)
     literal = not (shape.model.startswith("hf-") or "siglip" in shape.model.lower())
     return [n for n in names if literal or n not in LITERAL]
 
@@ -198,6 +204,7 @@ def bench_shape(shape: StepShape, device, dtype, impl, repeats, warmup):
     rows = time_calls(shape.name, make_calls(shape, device, dtype, impl), device, repeats, warmup)
     add_ratios(rows, "single_path", "vs_single_path")
     add_ratios(rows, "literal", "literal_over_this", invert=True, only=lambda name: not name.startswith("train"))
+    add_ratios(rows, "search", "vs_search", only=lambda name: name == "search_compiled")
     add_ratios(rows, "train_literal", "literal_over_this", invert=True, only=lambda name: name.startswith("train"))
     single_mem = {r["shape"]: r.get("peak_memory_mb") for r in rows if r["provider"] == "single_path"}
     for r in rows:
@@ -207,10 +214,10 @@ def bench_shape(shape: StepShape, device, dtype, impl, repeats, warmup):
 
 
 def format_table(rows) -> str:
-    return table(rows, [("shape", 20), ("provider", 13)],
+    return table(rows, [("shape", 20), ("provider", 15)],
                  [("median ms", "median_ms", ".1f"), ("IQR ms", "iqr", ".1f"), ("peak MB", "peak_memory_mb", ".0f"),
                   ("x single", "vs_single_path", ".2f"), ("mem x single", "memory_vs_single_path", ".2f"),
-                  ("literal/this", "literal_over_this", ".2f")])
+                  ("literal/this", "literal_over_this", ".2f"), *COMPILED_COLUMNS])
 
 
 SUITE = Suite("step", GPU_SHAPES, CPU_SHAPES, SMOKE_SHAPES, bench_shape, format_table,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
@@ -61,10 +62,14 @@ def table(rows: list, labels: list, columns: list) -> str:
 def time_calls(shape_name: str, calls: dict, device, repeats: int, warmup: int, per_call: dict | None = None) -> list:
     """Rows for ``calls`` {provider: call(i)} timed interleaved; a provider whose first call fails
     (say, out of memory) gets an error row instead. ``per_call`` {provider: n}: times divided by n."""
-    rows, ok = [], {}
+    rows, ok, first = [], {}, {}
     for name, call in calls.items():
         try:
+            began = time.perf_counter()
             call(0)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            first[name] = time.perf_counter() - began  # with any compile (torch.compile, Triton's JIT)
         except Exception as exc:  # noqa: BLE001 - e.g. out of memory for a literal baseline
             rows.append(dict(shape=shape_name, provider=name, error=f"{type(exc).__name__}: {str(exc)[:200]}"))
             if device.type == "cuda":
@@ -74,7 +79,7 @@ def time_calls(shape_name: str, calls: dict, device, repeats: int, warmup: int, 
     for name, times in time_interleaved(ok, device, repeats, warmup).items():
         n = (per_call or {}).get(name, 1)
         rows.append(dict(shape=shape_name, provider=name, **summarize([t / n for t in times]),
-                         peak_memory_mb=peak_memory_mb(lambda: ok[name](0), device)))
+                         peak_memory_mb=peak_memory_mb(lambda: ok[name](0), device), first_call_s=first[name]))
     return rows
 
 
@@ -170,6 +175,8 @@ def suite_main(suite: Suite, argv=None, description: str = "") -> int:
 STEP_COLUMNS = [("ms/step", "median_ms", ".1f"), ("IQR ms", "iqr", ".1f"), ("peak MB", "peak_memory_mb", ".0f"),
                 ("x single", "vs_single_path", ".2f"), ("mem x single", "memory_vs_single_path", ".2f"),
                 ("literal/this", "literal_over_this", ".2f"), ("lit mem/this", "literal_memory_over_this", ".2f")]
+# a compiled provider against the eager one (vs_search), and every provider's first call (compiles included)
+COMPILED_COLUMNS = [("x search", "vs_search", ".2f"), ("first s", "first_call_s", ".2f")]
 
 
 def memory_ratio(rows, baseline: str, key: str, invert: bool = False) -> None:

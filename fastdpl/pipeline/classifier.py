@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .runtime import Dist
+from .runtime import Dist, training_net
 
 
 def class_shares(num_classes: int, world: int) -> list[tuple[int, int]]:
@@ -53,17 +53,9 @@ class ShardedTextClassifier(nn.Module):
         return (logits, {"image": image, "text": text}) if return_features else logits
 
 
-def wrap(module, ranks: Dist, device: str) -> nn.Module:
-    """The module to call in training: DDP around the sharded classifier under torchrun, else the
-    classifier. A method whose class texts depend on the image (CoCoOp) is not sharded: each rank
-    runs its own images' B x C texts, and DDP averages the gradients."""
-    net = module if getattr(module, "image_conditioned", False) else ShardedTextClassifier(module, ranks)
-    return data_parallel(net, ranks, device)
-
-
-def data_parallel(net: nn.Module, ranks: Dist, device: str) -> nn.Module:
-    """DDP around ``net`` under torchrun (gradients averaged over ranks), else ``net`` itself."""
-    if not ranks.enabled:
-        return net
-    device_ids = [torch.device(device).index] if device.startswith("cuda") else None
-    return nn.parallel.DistributedDataParallel(net, device_ids=device_ids, broadcast_buffers=False)
+def wrap(module, job) -> nn.Module:
+    """The module a CLIP's training stage calls (runtime.training_net: compiled with --compile, DDP
+    under torchrun) around the sharded classifier. A method whose class texts depend on the image
+    (CoCoOp) is not sharded: each rank runs its own images' B x C texts, and DDP averages the gradients."""
+    net = module if getattr(module, "image_conditioned", False) else ShardedTextClassifier(module, job.ranks)
+    return training_net(net, job)

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from ..templates import NAMES as TEMPLATE_NAMES
 from ..templates import check_format
+from .runtime import check_compile_backend
 
 PRECISIONS = ("fp32", "bf16")
 
@@ -37,6 +38,8 @@ class RunConfig:
     impl: str = "auto"
     device: str = "auto"
     precision: str = "fp32"
+    compile: bool = False  # torch.compile the module the training stages call (runtime.compiled)
+    compile_backend: str = "inductor"
     text_chunk_size: int | None = None
     # search stage
     candidate_lengths: list = field(default_factory=lambda: list(range(7)))
@@ -136,6 +139,8 @@ class RunConfig:
             raise ValueError(f"prompt_dropout must be in [0, 1), got {self.prompt_dropout!r}")
         if self.head_lr is not None and self.head_lr <= 0:
             raise ValueError(f"head_lr must be > 0 or none, got {self.head_lr!r}")
+        if self.compile:
+            check_compile_backend(self.compile_backend)
         check_family_settings(self)
         return self
 
@@ -231,6 +236,15 @@ def _number(text: str):
 _EVAL = ("zeroshot", "search", "train", "eval", "tpt")  # every prompt stage
 _ALL = _EVAL + ("linear_probe",)  # and the linear-probe baseline (data, model and bookkeeping settings)
 _TRAINING = ("search", "train")
+# --compile and --compile-backend: the same two settings for every model family (CLIP, timm, LM)
+COMPILE_SETTINGS = {
+    "compile": ("model", _TRAINING, "torch.compile the prompted model's forward and backward in the training steps "
+                "(a bare flag: true); off: eager", ("true", "false")),
+    "compile_backend": ("model", _TRAINING, "torch.compile backend with --compile: inductor (generated kernels: what "
+                        "a GPU run wants), aot_eager (Dynamo and AOT autograd without code generation: checks the "
+                        "capture in seconds), eager, or any registered Dynamo backend", None),
+}
+COMPILE_RESUMABLE = {"compile", "compile_backend"}  # they change results by rounding only
 # name: (group, stages that use it, one-line description, allowed values or None)
 SETTINGS = {
     "dataset": ("data", _ALL, "dataset name (`fastdpl datasets`), folder:PATH or json:PATH", None),
@@ -256,6 +270,8 @@ SETTINGS = {
              ("auto", "eager", "triton", "reference")),
     "device": ("model", _ALL, "device (auto: cuda when available)", None),
     "precision": ("model", _ALL, "fp32, or bf16 autocast", PRECISIONS),
+    "compile": COMPILE_SETTINGS["compile"],
+    "compile_backend": COMPILE_SETTINGS["compile_backend"],
     "text_chunk_size": ("model", _EVAL, "encode the class texts in checkpointed chunks of this many classes", None),
     "candidate_lengths": ("search", ("search",), "prompt lengths every block chooses from, as 0,1,2,...", None),
     "search_towers": ("search", ("search",), "towers whose blocks are searched, as image,text", None),
@@ -338,7 +354,8 @@ assert set(SETTINGS) == {f.name for f in fields(RunConfig)}, "every setting need
 # Settings that cannot change what a stage computes: they may differ when a run is resumed,
 # and they never split an experiment in a report.
 RESUMABLE_CHANGES = {"workers", "progress", "resume", "device", "impl", "text_chunk_size", "root", "split_cache",
-                     "output", "eval_batch_size", "eval_datasets"} | {name for name in SETTINGS if name.startswith("tpt_")}
+                     "output", "eval_batch_size", "eval_datasets"} | COMPILE_RESUMABLE | \
+    {name for name in SETTINGS if name.startswith("tpt_")}
 # Each training stage's own settings (SETTINGS says which stages use a setting), ignored by the other.
 STAGE_SETTINGS = {stage: {name for name, (_, stages, _, _) in SETTINGS.items() if stages == (stage,)}
                   for stage in ("search", "train")}

@@ -21,7 +21,6 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
-from tqdm import tqdm
 
 from ..atomic import write_text_atomic
 from ..config import PromptConfig
@@ -29,8 +28,8 @@ from ..data.text import CLASSIFICATION, TextDataError, TextTask, TokenExamples, 
 from ..lm import FastDPLPrefix
 from .lm_config import LMConfig
 from .loaders import EpochBatches, StepBatches, cycle_batches
-from .logs import alpha_entropy
-from .runtime import Dist, autocast, barrier, init_distributed, pick_device, seed_everything
+from .logs import alpha_entropy, bar
+from .runtime import Dist, autocast, barrier, init_distributed, pick_device, seed_everything, training_net
 from .training import NEXT_TOKEN, Training, fit, to_device
 
 STACK = "decoder"
@@ -164,7 +163,7 @@ def shard_frozen(model: nn.Module, ranks: Dist) -> None:
     """FSDP2 over the frozen weights: each decoder layer (the model's ``_no_split_modules``
     classes) and then the rest are ``fully_shard``-ed across the processes, so each holds 1/W of
     them and gathers a layer's only while it runs. The prefixes and alpha are not the model's
-    parameters: they stay replicated, and DDP averages their gradients (``wrap``)."""
+    parameters: they stay replicated, and DDP averages their gradients (``runtime.training_net``)."""
     from torch.distributed.fsdp import fully_shard
 
     if not ranks.enabled:
@@ -182,18 +181,10 @@ def shard_frozen(model: nn.Module, ranks: Dist) -> None:
         print(f"frozen weights sharded with FSDP2 over {ranks.world} processes: {local} of {total} per process")
 
 
-def wrap(dpl: FastDPLPrefix, job: LMJob) -> nn.Module:
-    """DDP around the prefixes under torchrun (the frozen model is not a parameter of it)."""
-    if not job.ranks.enabled:
-        return dpl
-    device_ids = [torch.device(job.device).index] if job.device.startswith("cuda") else None
-    return nn.parallel.DistributedDataParallel(dpl, device_ids=device_ids, broadcast_buffers=False)
-
-
 def prefix_training(job: LMJob, dpl: FastDPLPrefix, optimizers: dict, task: TextTask, steps: int, **extra) -> Training:
     loader = training_loader(job, task, steps)
     record = extra.pop("record", None)
-    return Training(dpl, wrap(dpl, job), optimizers, step_schedule(optimizers["prompt"], job.cfg, steps),
+    return Training(dpl, training_net(dpl, job), optimizers, step_schedule(optimizers["prompt"], job.cfg, steps),
                     loader.batch_sampler.rounds, objective=NEXT_TOKEN, loader=loader, schedule_per_step=True,
                     micro_batches=job.cfg.accumulate, unit="tok",
                     record=lambda: {"step": loader.batch_sampler.steps_done(), **(record() if record else {})},
@@ -344,7 +335,7 @@ def results_line(result: dict) -> str:
 def _batches(job: LMJob, items: list, desc: str):
     size = job.cfg.eval_batch_size
     chunks = [items[i:i + size] for i in range(0, len(items), size)]
-    return tqdm(chunks, desc=desc, disable=not (job.cfg.progress and job.ranks.main), leave=False)
+    return bar(chunks, job.cfg.progress and job.ranks.main, desc=desc, leave=False)
 
 
 @torch.no_grad()

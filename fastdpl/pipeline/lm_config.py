@@ -14,7 +14,8 @@ import argparse
 import dataclasses
 from dataclasses import dataclass, field
 
-from .config import PRECISIONS, Schema, load_yaml
+from .config import COMPILE_RESUMABLE, COMPILE_SETTINGS, PRECISIONS, Schema, load_yaml
+from .runtime import check_compile_backend
 
 LM_STAGES = ("search", "train", "eval")
 _ALL, _TRAINING = LM_STAGES, ("search", "train")
@@ -39,6 +40,8 @@ class LMConfig:
     impl: str = "auto"
     device: str = "auto"
     precision: str = "fp32"
+    compile: bool = False  # torch.compile the module the training stages call (runtime.compiled)
+    compile_backend: str = "inductor"
     # search
     candidate_lengths: list = field(default_factory=lambda: [0, 4, 8, 16, 32, 64])
     search_steps: int = 500
@@ -84,6 +87,8 @@ class LMConfig:
             value = getattr(self, name)
             if allowed and isinstance(value, str) and value not in allowed:
                 raise ValueError(f"{name} must be one of {', '.join(allowed)}, got {value!r}")
+        if self.compile:
+            check_compile_backend(self.compile_backend)
         return self
 
     def to_dict(self) -> dict:
@@ -112,6 +117,7 @@ LM_SETTINGS = {
              ("auto", "eager", "triton", "reference")),
     "device": ("model", _ALL, "device (auto: cuda when available)", None),
     "precision": ("model", _ALL, "fp32, or bf16 autocast", PRECISIONS),
+    **COMPILE_SETTINGS,
     "candidate_lengths": ("search", ("search",), "prefix lengths every layer chooses from, as 0,4,8,...", None),
     "search_steps": ("search", ("search",), "optimiser steps of the search", None),
     "arch_lr": ("search", ("search",), "Adam learning rate of alpha (on validation batches)", None),
@@ -135,7 +141,8 @@ LM_SETTINGS = {
 }
 assert set(LM_SETTINGS) == {f.name for f in dataclasses.fields(LMConfig)}, "every LM setting needs an entry"
 LMConfig.SCHEMA = Schema(LMConfig, LM_SETTINGS, frozenset({"progress", "resume", "device", "impl", "output", "shard",
-                                                           "eval_batch_size", "max_new_tokens", "test"}))
+                                                           "eval_batch_size", "max_new_tokens", "test"}
+                                                          | COMPILE_RESUMABLE))
 
 
 def resolve_lm_config(args: argparse.Namespace, **overrides) -> LMConfig:

@@ -19,6 +19,13 @@ from tqdm import tqdm
 from ..atomic import write_text_atomic
 
 
+def bar(iterable, enabled: bool, **options):
+    """A tqdm progress bar when ``enabled`` and standard error is a terminal. Elsewhere (``fastdpl
+    demo > log``, a batch job) none: a bar's carriage-return frames would fill the log, and the
+    per-epoch lines (RunLog.epoch) print either way."""
+    return tqdm(iterable, disable=None if enabled else True, **options)
+
+
 def alpha_entropy(arch_logits: dict) -> dict:
     """Mean over blocks of the entropy of softmax(alpha), per tower (nats; log C at the start)."""
     out = {}
@@ -56,10 +63,7 @@ class RunLog:
         if not self.main:
             return
         entry = history[-1]
-        line = epoch_line(self.stage, entry)
-        tqdm.write(line)
-        with open(self.out / "log.txt", "a") as log:
-            log.write(line + "\n")
+        self.line(epoch_line(self.stage, entry))
         metrics = [{k: v for k, v in h.items() if k != "alpha"} for h in history]
         write_text_atomic(self.out / "metrics.jsonl", "".join(json.dumps(m) + "\n" for m in metrics))
         if self.writer is not None:
@@ -69,6 +73,24 @@ class RunLog:
             for tower, value in entry.get("alpha_entropy", {}).items():
                 self.writer.add_scalar(f"{self.stage}/alpha_entropy/{tower}", value, entry["epoch"])
             self.writer.flush()
+
+    def line(self, text: str) -> None:
+        """One line printed and appended to log.txt (main rank)."""
+        if self.main:
+            tqdm.write(text)
+            with open(self.out / "log.txt", "a") as log:
+                log.write(text + "\n")
+
+    def compile(self, report: dict | None) -> None:
+        """What torch.compile did in this stage (runtime.compile_report), when it ran: the graphs
+        compiled (a first shape, then one with dynamic dimensions) and every graph break."""
+        if report is None:
+            return
+        text = f"{self.stage}: torch.compile ({report['backend']}) compiled {report['graphs']} graphs, " \
+               f"{report['graph_breaks']} graph breaks"
+        if report["graph_breaks"]:
+            text += ": " + "; ".join(report["break_reasons"])
+        self.line(text)
 
     def close(self) -> None:
         if self.writer is not None:

@@ -314,7 +314,7 @@ class ClipFamily:
 
     @staticmethod
     def net(job: Job, module):
-        return wrap(module, job.ranks, job.device)
+        return wrap(module, job)
 
     @staticmethod
     def regularizers(job: Job) -> dict:

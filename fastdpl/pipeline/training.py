@@ -26,14 +26,13 @@ from typing import Callable
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from tqdm import tqdm
 
 from ..atomic import save_atomic
 from ..profiling import nvtx_range
 from .config import changed_settings, save_yaml
 from .loaders import make_loader
-from .logs import RunLog
-from .runtime import Dist, autocast, barrier, rng_state, set_rng_state
+from .logs import RunLog, bar
+from .runtime import Dist, autocast, barrier, compile_counts, compile_report, rng_state, set_rng_state
 
 
 def lr_factor(epoch: int, cfg, epochs: int) -> float:
@@ -109,8 +108,8 @@ def train_loader(job, samples, seed: int):
 
 
 def progress(iterable, job, desc: str, total=None):
-    return tqdm(iterable, desc=desc, total=total, disable=not (job.cfg.progress and job.ranks.main),
-                leave=False, dynamic_ncols=True)
+    """The stage's progress bar (main rank, --progress, a terminal: logs.bar)."""
+    return bar(iterable, job.cfg.progress and job.ranks.main, desc=desc, total=total, leave=False, dynamic_ncols=True)
 
 
 def to_device(x, device: str):
@@ -370,6 +369,7 @@ def fit(job, out: Path, stage: str, training: Training) -> list:
     if job.ranks.main and start == 0:  # a resumed run keeps the record of what made its checkpoint
         save_yaml(cfg, out / "run.yaml")
     log = RunLog(out, stage, job.ranks.main, start)
+    compiles = compile_counts() if getattr(cfg, "compile", False) else None  # for the stage's compile line
     training.module.train()
     for epoch in range(start, training.epochs):
         train.batch_sampler.set_epoch(epoch)
@@ -401,6 +401,7 @@ def fit(job, out: Path, stage: str, training: Training) -> list:
         if training.after_epoch and job.ranks.main:
             training.after_epoch(history)
         log.epoch(history)
+    log.compile(compile_report(compiles, cfg))
     log.close()
     if training.aggregation is not None:  # the run's result is the aggregate (resumed runs too)
         training.aggregation.apply()

@@ -19,9 +19,8 @@ import torch.nn as nn
 from ..data import fewshot_splits, load_dataset
 from ..models import classifier_image_size, classifier_stats, load_classifier
 from ..vit import FastDPLViT
-from .classifier import data_parallel
 from .config import RunConfig
-from .runtime import init_distributed, pick_device, seed_everything
+from .runtime import init_distributed, pick_device, seed_everything, training_net
 
 STATE_KEYS = ("bank", "head", "prompt_dropout")  # FastDPLViT.prompt_state_dict's own keys in a prompts file
 
@@ -66,9 +65,9 @@ def optimizer(job, dpl: FastDPLViT) -> torch.optim.Optimizer:
 
 
 def net(job, dpl: FastDPLViT) -> nn.Module:
-    """The module called in training: DDP around the FastDPLViT under torchrun (every rank its own
-    images; prompts, alpha and head gradients averaged), else the module itself."""
-    return data_parallel(dpl, job.ranks, job.device)
+    """The module called in training (runtime.training_net): the FastDPLViT, compiled with --compile,
+    in DDP under torchrun (every rank its own images; prompts, alpha and head gradients averaged)."""
+    return training_net(dpl, job)
 
 
 def trained(job):
