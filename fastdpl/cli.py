@@ -155,7 +155,8 @@ def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     from . import __version__
 
-    parser = argparse.ArgumentParser(prog="fastdpl", description="Fast Differentiable Prompt Learning for CLIP")
+    parser = argparse.ArgumentParser(prog="fastdpl", description="Fast Differentiable Prompt Learning for CLIP, "
+                                     "language models and ViT classifiers")
     parser.add_argument("--version", action="version", version=f"fastdpl {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     bench = sub.add_parser("bench", help="benchmarks: op, block, step, tpt, cocoop, lm, vit (fastdpl bench op --help)",
@@ -188,8 +189,21 @@ def plain_message(exc: BaseException) -> str:
     return last.split(f"{name}: ", 1)[1] if f"{name}: " in last else last
 
 
+def needs(what: str, modules: tuple, extra: str) -> None:
+    """A RuntimeError (one clear line, no traceback) naming what ``what`` needs and the extra that
+    installs it, when one of ``modules`` does not import."""
+    import importlib.util
+
+    missing = [m for m in modules if importlib.util.find_spec(m) is None]
+    if missing:
+        raise RuntimeError(f"{what} needs {' and '.join(missing)}, not installed here: pip install "
+                           f"'fastdpl[{extra}]' (from a clone: pip install -e '.[{extra}]')")
+
+
 def _run(args) -> int:
     if args.command == "lm":
+        if args.lm_command != "report":
+            needs("a language model", ("transformers",), "lm")
         return _run_lm(args)
     if args.command in STAGES:
         from .pipeline import stages
@@ -210,6 +224,7 @@ def _run(args) -> int:
     if args.command == "demo" and args.family == "lm":
         from .pipeline.demo_lm import demo_lm_config, run_demo_lm
 
+        needs("the language-model demo", ("transformers",), "lm")
         run_demo_lm(demo_lm_config(output=args.output or "runs/demo-lm", progress=not args.no_progress))
         return 0
     if args.command == "demo" and args.family == "vit":

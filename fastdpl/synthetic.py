@@ -139,7 +139,7 @@ def train_tiny_clip(seed: int = 0, steps: int = 1500, batch: int = 256, corpus: 
     optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.05)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=2e-3, total_steps=steps, pct_start=0.05)
     generator = torch.Generator().manual_seed(seed)
-    bar = tqdm(range(steps), desc="tiny CLIP", disable=not progress)
+    bar = tqdm(range(steps), desc="tiny CLIP", disable=None if progress else True)  # None: no bar off a terminal
     for _ in bar:
         index = torch.randint(len(captions), (batch,), generator=generator)
         x = images[index]

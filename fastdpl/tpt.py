@@ -92,12 +92,11 @@ class TPTViews:
         self.preprocess = T.Compose([T.ToTensor(), T.Normalize(CLIP_MEAN, CLIP_STD)])
 
     def __call__(self, image, seed: int) -> torch.Tensor:
-        from .data.images import open_image
+        from .data.images import open_image, seeded_transforms
 
         image = open_image(image)
         rng = np.random.default_rng(seed)
-        with torch.random.fork_rng(devices=[]):  # torchvision draws from the global RNG
-            torch.manual_seed(seed)
+        with seeded_transforms(seed):  # torchvision draws from the global RNG
             out = [self.original(image)]
             for _ in range(self.views - 1):
                 crop = self.crop(image)

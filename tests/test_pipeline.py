@@ -101,7 +101,7 @@ def test_arch_step_computes_only_alpha_gradients(tmp_path):
     job = stages.Job(cfg, Dist(), "cpu", load_clip("tiny"), None, 32)
     dpl = FastDPLPrompt(job.model, ["zero", "one", "two"], mode="search", candidate_lengths=(0, 1, 3),
                         impl="eager", generator=torch.Generator().manual_seed(1))
-    net = wrap(dpl, job.ranks, job.device)
+    net = wrap(dpl, job)
     images, labels = torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 1])
     # The full backward, for the expected alpha gradients and step.
     F.cross_entropy(net(images), labels).backward()
@@ -142,6 +142,29 @@ def test_search_writes_alpha_config_and_figures(tmp_path):
         assert logits.abs().max() > 1e-2
     with pytest.raises(FileExistsError, match=r"checkpoint\.pt exists: pass --resume to continue that run"):
         stages.run_search(cfg)
+
+
+def test_progress_bars_print_plain_lines_when_output_is_not_a_terminal(tmp_path, capsys, monkeypatch):
+    """With --progress on and output to a file or pipe (`fastdpl demo > log`), no bar frames
+    (carriage returns) reach the log: the per-epoch lines and the evaluation's result lines only;
+    on a terminal the bars draw as before."""
+    cfg = quick(tmp_path, progress=True, search_epochs=1, train_epochs=1, prompt_config="uniform:1:1")
+    stages.run_train(cfg)
+    captured = capsys.readouterr()
+    assert "\r" not in captured.out + captured.err, (captured.out + captured.err)[-500:]
+    assert "train epoch 1: loss" in captured.out
+    import io
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    screen = Terminal()
+    monkeypatch.setattr(sys, "stderr", screen)
+    bar = training.progress(range(3), stages.Job(cfg, stages.Dist(), "cpu", None, None, 32), "epoch")
+    assert not bar.disable
+    list(bar)
+    assert "\r" in screen.getvalue()
 
 
 def test_train_eval_and_base_to_new(tmp_path):

@@ -43,7 +43,8 @@ def check_dataset(name: str, root=None, shots: int | None = 16, open_images: boo
 
         every = [s.image for split in ("train", "val", "test") for s in getattr(splits, split)
                  if not isinstance(s.image, Image.Image)]  # built-in data lives in memory
-        for image in tqdm(sorted(set(map(str, every))), desc="decoding images", disable=not progress):
+        for image in tqdm(sorted(set(map(str, every))), desc="decoding images",
+                          disable=None if progress else True):  # None: no bar off a terminal
             try:
                 open_image(image)  # decodes every pixel, as training will (verify() misses truncation)
             except DatasetError as exc:

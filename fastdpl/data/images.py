@@ -1,6 +1,9 @@
 """Images as tensors: CLIP preprocessing and a Dataset that never skips a bad file."""
 from __future__ import annotations
 
+import contextlib
+
+import torch
 from PIL import Image, UnidentifiedImageError
 from torchvision import transforms as T
 
@@ -8,6 +11,18 @@ from .datasets import DatasetError
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+@contextlib.contextmanager
+def seeded_transforms(seed: int):
+    """torch's global CPU generator seeded with ``seed`` inside, restored after: torchvision's random
+    transforms draw from it, so an image's augmentation depends on ``seed`` alone. Only the CPU
+    generator: ``torch.manual_seed`` would also reseed every CUDA generator (which fork_rng(devices=[])
+    does not restore) and, where CUDA is not initialised, queue that call with its stack trace, once
+    per image: ~1 ms an image and a list that grows for the whole run."""
+    with torch.random.fork_rng(devices=[]):
+        torch.default_generator.manual_seed(seed)
+        yield
 
 
 def clip_transform(image_size: int, train: bool, crop_scale=(0.08, 1.0), flip: bool = True, stats=None):

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from ..data.images import clip_transform, open_image
+from ..data.images import clip_transform, open_image, seeded_transforms
 from .runtime import Dist
 
 
@@ -33,8 +33,7 @@ class SeededImages(Dataset):
         image = open_image(sample.image)
         if not self.train:
             return self.transform(image), sample.label
-        with torch.random.fork_rng(devices=[]):  # torchvision's random transforms draw from torch's global RNG
-            torch.manual_seed(hash((self.seed, epoch, index)) % 2**63)
+        with seeded_transforms(hash((self.seed, epoch, index)) % 2**63):
             return self.transform(image), sample.label
 
 
